@@ -1,0 +1,1 @@
+"""Data and run stages of relalign: shards, tokenizer, loader, training, evaluation, tracking."""
