@@ -1,0 +1,253 @@
+"""Raw tar sample (bytes per member) -> decoded sample -> padded batch dict (DESIGN.md batch contract).
+
+Images are decoded with PIL only (JPEG draft mode when the target is at most half the stored size);
+nothing is ever unpickled (npz is loaded with allow_pickle=False; .pyd/.pickle members are never read).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MEMBER_EXTS = frozenset(IMAGE_EXTS + ("txt", "json", "npz"))
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+             "lanczos": Image.LANCZOS, "box": Image.BOX}
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; `reason` is the counter key."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    max_text_len: int
+    image_mode: str          # patch | roi | features
+    max_regions: int
+    interpolation: str = "bicubic"
+    feat_dim: int | None = None
+
+
+def stable_id(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") \
+        & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def select_member(fname: str) -> bool:
+    """Only members we decode are read out of the tar (never .pyd/.pickle)."""
+    return fname.rpartition(".")[2].lower() in MEMBER_EXTS
+
+
+def parse_meta(sample: dict[str, Any]) -> dict:
+    if "json" not in sample:
+        return {}
+    try:
+        meta = json.loads(sample["json"].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadSample("bad_json") from exc
+    if not isinstance(meta, dict):
+        raise BadSample("bad_json")
+    return meta
+
+
+def captions_of(sample: dict[str, Any], meta: dict) -> list[str]:
+    caps = meta.get("captions")
+    if caps is not None:
+        if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+            raise BadSample("bad_json")
+    elif isinstance(meta.get("caption"), str):  # img2dataset json
+        caps = [meta["caption"]]
+    elif "txt" in sample:
+        try:
+            caps = [sample["txt"].decode("utf-8")]
+        except UnicodeDecodeError as exc:
+            raise BadSample("bad_caption_encoding") from exc
+    else:
+        raise BadSample("missing_caption")
+    if not caps or not all(c.strip() for c in caps):
+        raise BadSample("empty_caption")
+    return caps
+
+
+def decode_image(data: bytes, spec: DecodeSpec) -> tuple[np.ndarray, tuple[int, int]]:
+    """HWC uint8 of size image_size^2 and the stored (width, height)."""
+    size = spec.image_size
+    try:
+        img = Image.open(io.BytesIO(data))
+        stored = img.size
+        if img.format == "JPEG" and min(stored) >= 2 * size:
+            img.draft("RGB", (size, size))  # DCT-domain downscale; result stays >= size on both sides
+        img = img.convert("RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), _RESAMPLE.get(spec.interpolation, Image.BICUBIC))
+        return np.asarray(img), stored
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BadSample("bad_image") from exc
+
+
+def _image_bytes(sample: dict[str, Any]) -> bytes:
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    raise BadSample("missing_image")
+
+
+def load_npz(data: bytes, spec: DecodeSpec,
+             check_dim: bool = True) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            feats = np.asarray(z["features"], dtype=np.float32)
+            boxes = np.asarray(z["boxes"], dtype=np.float32)
+            wh = tuple(int(v) for v in np.asarray(z["image_size"]).reshape(-1))
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise BadSample("bad_npz") from exc
+    if (feats.ndim != 2 or feats.shape[0] == 0 or boxes.shape != (feats.shape[0], 4) or len(wh) != 2
+            or min(wh) <= 0 or (check_dim and spec.feat_dim is not None and feats.shape[1] != spec.feat_dim)
+            or not np.isfinite(feats).all()):
+        raise BadSample("bad_npz")
+    return feats[: spec.max_regions], boxes[: spec.max_regions], wh
+
+
+def _region_pos(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
+    scale = np.array([width, height, width, height], dtype=np.float32)
+    xyxy = np.clip(boxes / scale, 0.0, 1.0)
+    w, h = xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]
+    return np.concatenate([xyxy, w[:, None], h[:, None], (w * h)[:, None]], axis=1).astype(np.float32)
+
+
+def _roi_boxes(sample: dict[str, Any], meta: dict, stored: tuple[int, int], spec: DecodeSpec) -> np.ndarray:
+    """Boxes in pixels of the resized image: npz boxes, else annotated objects, else the whole image."""
+    width, height = stored
+    if "npz" in sample:
+        _, boxes, (width, height) = load_npz(sample["npz"], spec, check_dim=False)   # boxes only
+    elif meta.get("objects"):
+        try:
+            boxes = np.array([o["box"] for o in meta["objects"]], dtype=np.float32).reshape(-1, 4)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadSample("bad_json") from exc
+        boxes = boxes[: spec.max_regions]
+    else:
+        boxes = np.array([[0, 0, width, height]], dtype=np.float32)
+    size = spec.image_size
+    return boxes * np.array([size / width, size / height] * 2, dtype=np.float32)
+
+
+def _word_to_region(meta: dict, cap_index: int, word_index: list[int]) -> list[int]:
+    table = meta.get("word_objects")
+    if table is None:
+        return [-1] * len(word_index)
+    try:
+        words = table[cap_index]
+        return [int(words[w]) if w >= 0 else -1 for w in word_index]
+    except (IndexError, TypeError, ValueError) as exc:
+        raise BadSample("bad_json") from exc
+
+
+def decode_image_part(sample: dict[str, Any], meta: dict, spec: DecodeSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if spec.image_mode == "features":
+        if "npz" not in sample:
+            raise BadSample("missing_features")
+        feats, boxes, (width, height) = load_npz(sample["npz"], spec)
+        out["region_feat"], out["region_pos"] = feats, _region_pos(boxes, width, height)
+        return out
+    pixels, stored = decode_image(_image_bytes(sample), spec)
+    out["pixels"] = pixels
+    if spec.image_mode == "roi":
+        boxes = _roi_boxes(sample, meta, stored, spec)
+        out["boxes"] = boxes
+        out["region_pos"] = _region_pos(boxes, spec.image_size, spec.image_size)
+    return out
+
+
+def encode_caption(tokenizer, meta: dict, captions: list[str], cap_index: int, spec: DecodeSpec,
+                   key: str) -> dict[str, Any]:
+    enc = tokenizer.encode(captions[cap_index], spec.max_text_len)
+    return {"input_ids": enc.ids, "word_index": enc.word_index,
+            "word_to_region": _word_to_region(meta, cap_index, enc.word_index),
+            "text_id": stable_id(f"{key}#{cap_index}")}
+
+
+def caption_choice(seed: int, epoch: int, key: str, n: int) -> int:
+    """One caption per image per epoch, independent of where the sample lands in the stream."""
+    return stable_id(f"{seed}/{epoch}/{key}") % n
+
+
+def decode_train_sample(sample: dict[str, Any], tokenizer, spec: DecodeSpec, seed: int, epoch: int) -> dict:
+    key = sample["__key__"]
+    meta = parse_meta(sample)
+    captions = captions_of(sample, meta)
+    out = decode_image_part(sample, meta, spec)
+    out.update(encode_caption(tokenizer, meta, captions, caption_choice(seed, epoch, key, len(captions)),
+                              spec, key))
+    out["image_id"] = stable_id(key)
+    return out
+
+
+def _pad(rows: list[list[int]], width: int, value: int) -> torch.Tensor:
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def collate_text(samples: list[dict]) -> dict[str, torch.Tensor]:
+    width = max(len(s["input_ids"]) for s in samples)
+    ids = _pad([s["input_ids"] for s in samples], width, 0)
+    lengths = torch.tensor([len(s["input_ids"]) for s in samples])
+    return {"input_ids": ids, "text_mask": torch.arange(width)[None, :] < lengths[:, None],
+            "word_index": _pad([s["word_index"] for s in samples], width, -1),
+            "word_to_region": _pad([s["word_to_region"] for s in samples], width, -1),
+            "text_id": torch.tensor([s["text_id"] for s in samples], dtype=torch.long)}
+
+
+def normalise(pixels: np.ndarray, spec: DecodeSpec) -> torch.Tensor:
+    """[B,H,W,3] uint8 -> [B,3,H,W] float normalised with the timm mean/std."""
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def _pad_regions(arrays: list[np.ndarray], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    m = max(1, max(len(a) for a in arrays))
+    out = torch.zeros((len(arrays), m, dim), dtype=torch.float32)
+    mask = torch.zeros((len(arrays), m), dtype=torch.bool)
+    for i, a in enumerate(arrays):
+        out[i, : len(a)] = torch.from_numpy(a)
+        mask[i, : len(a)] = True
+    return out, mask
+
+
+def collate_image(samples: list[dict], spec: DecodeSpec) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    if spec.image_mode == "features":
+        out["region_feat"], out["region_mask"] = _pad_regions([s["region_feat"] for s in samples],
+                                                              samples[0]["region_feat"].shape[1])
+    else:
+        out["pixels"] = normalise(np.stack([s["pixels"] for s in samples]), spec)
+        if spec.image_mode == "roi":
+            out["boxes"], out["region_mask"] = _pad_regions([s["boxes"] for s in samples], 4)
+    if spec.image_mode != "patch":
+        out["region_pos"], _ = _pad_regions([s["region_pos"] for s in samples], 7)
+    return out
+
+
+def collate(samples: list[dict], spec: DecodeSpec) -> dict[str, torch.Tensor]:
+    batch = collate_text(samples)
+    batch.update(collate_image(samples, spec))
+    batch["image_id"] = torch.tensor([s["image_id"] for s in samples], dtype=torch.long)
+    return batch
