@@ -1,0 +1,121 @@
+"""Import UNITER / IAIS checkpoints (public UNITER state-dict layout) into a features-mode RetrievalModel."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, ImageEncoderConfig, ModelConfig
+from .retrieval import RetrievalModel
+
+HEAD_DIM = 64  # UNITER base/large both use 64-d heads
+
+# (UNITER name pattern, our name template); N = layer index
+_RULES = [
+    (r"uniter\.embeddings\.word_embeddings\.weight", "embeddings.word_embeddings.weight"),
+    (r"uniter\.embeddings\.position_embeddings\.weight", "embeddings.position_embeddings.weight"),
+    (r"uniter\.embeddings\.token_type_embeddings\.weight", "embeddings.token_type_embeddings.weight"),
+    (r"uniter\.embeddings\.LayerNorm\.(weight|bias)", r"embeddings.norm.\1"),
+    (r"uniter\.img_embeddings\.img_linear\.(weight|bias)", r"img_embeddings.img_linear.\1"),
+    (r"uniter\.img_embeddings\.img_layer_norm\.(weight|bias)", r"img_embeddings.img_norm.\1"),
+    (r"uniter\.img_embeddings\.pos_linear\.(weight|bias)", r"img_embeddings.pos_linear.\1"),
+    (r"uniter\.img_embeddings\.pos_layer_norm\.(weight|bias)", r"img_embeddings.pos_norm.\1"),
+    (r"uniter\.img_embeddings\.LayerNorm\.(weight|bias)", r"img_embeddings.norm.\1"),
+    (r"uniter\.encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.(weight|bias)",
+     r"encoder.layers.\1.attention.\2.\3"),
+    (r"uniter\.encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)",
+     r"encoder.layers.\1.attn_out.\2"),
+    (r"uniter\.encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.(weight|bias)",
+     r"encoder.layers.\1.attn_norm.\2"),
+    (r"uniter\.encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"encoder.layers.\1.ffn_in.\2"),
+    (r"uniter\.encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"encoder.layers.\1.ffn_out.\2"),
+    (r"uniter\.encoder\.layer\.(\d+)\.output\.LayerNorm\.(weight|bias)", r"encoder.layers.\1.ffn_norm.\2"),
+    (r"uniter\.pooler\.dense\.(weight|bias)", r"pooler.dense.\1"),
+    (r"itm_output\.(weight|bias)", r"itm_head.\1"),
+    (r"rank_output\.(weight|bias)", r"rank_head.\1"),
+    (r"cls\.predictions\.transform\.dense\.(weight|bias)", r"mlm_head.dense.\1"),
+    (r"cls\.predictions\.transform\.LayerNorm\.(weight|bias)", r"mlm_head.norm.\1"),
+    (r"cls\.predictions\.bias", "mlm_head.bias"),
+]
+_RULES = [(re.compile(pattern + "$"), target) for pattern, target in _RULES]
+# pretraining-only parts we have no use for (MRM heads; the decoder is tied to the word embeddings)
+_IGNORED = re.compile(r"(uniter\.img_embeddings\.mask_embedding\.|cls\.predictions\.decoder\.|feat_regress\.|"
+                      r"region_classifier\.|.*\.num_batches_tracked$)")
+
+
+def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drops DDP `module.` prefixes and renames old LayerNorm gamma/beta to weight/bias (as UNITER does)."""
+    out = {}
+    for key, value in state.items():
+        key = key[len("module."):] if key.startswith("module.") else key
+        key = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", key))
+        out[key] = value
+    return out
+
+
+def _read(path_or_state_dict) -> dict[str, torch.Tensor]:
+    if isinstance(path_or_state_dict, dict):
+        return dict(path_or_state_dict)
+    path = Path(path_or_state_dict)
+    if not path.is_file():
+        raise FileNotFoundError(f"UNITER checkpoint {path} does not exist: give the path of a .pt file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, never arbitrary pickles
+    return state.get("model", state) if isinstance(state, dict) else state
+
+
+def uniter_config(state: dict[str, torch.Tensor], img_dim: int) -> ModelConfig:
+    """Model size from the tensor shapes of a (normalised) UNITER state dict."""
+    try:
+        vocab, hidden = state["uniter.embeddings.word_embeddings.weight"].shape
+        max_len = state["uniter.embeddings.position_embeddings.weight"].shape[0]
+        found_dim = state["uniter.img_embeddings.img_linear.weight"].shape[1]
+        intermediate = state["uniter.encoder.layer.0.intermediate.dense.weight"].shape[0]
+    except KeyError as exc:
+        raise ConfigError(f"not a UNITER checkpoint: missing {exc.args[0]}") from exc
+    if found_dim != img_dim:
+        raise ConfigError(f"UNITER checkpoint has {found_dim}-d image features but img_dim={img_dim}: "
+                          f"pass img_dim={found_dim}")
+    layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"uniter\.encoder\.layer\.(\d+)\.", k)))
+    return ModelConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=hidden // HEAD_DIM,
+                       intermediate_size=intermediate, max_text_len=max_len, dropout=0.1,
+                       image=ImageEncoderConfig(mode="features", backbone=None, feat_dim=img_dim),
+                       itc_dim=256)
+
+
+def map_uniter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """UNITER names -> RetrievalModel names; unknown keys are an error, MRM-only keys are dropped."""
+    mapped, unknown = {}, []
+    for key, value in state.items():
+        for pattern, target in _RULES:
+            if pattern.match(key):
+                mapped[pattern.sub(target, key)] = value
+                break
+        else:
+            if not _IGNORED.match(key):
+                unknown.append(key)
+    if unknown:
+        raise ConfigError(f"UNITER checkpoint has {len(unknown)} unexpected key(s), e.g. {unknown[:3]}")
+    return mapped
+
+
+def load_uniter_checkpoint(path_or_state_dict, img_dim: int = 2048) -> RetrievalModel:
+    """Features-mode RetrievalModel with the UNITER weights.
+
+    Without rank_output the rank head starts from the ITM match row; the ITC projections (and the MLM head,
+    for fine-tuned checkpoints that have none) stay freshly initialised.
+    """
+    state = _normalise_keys(_read(path_or_state_dict))
+    model = RetrievalModel(uniter_config(state, img_dim))
+    mapped = map_uniter_state(state)
+    result = model.load_state_dict(mapped, strict=False)
+    backbone_keys = [k for k in result.missing_keys
+                     if not k.startswith(("itc.", "mlm_head.", "itm_head.", "rank_head."))]
+    if backbone_keys:
+        raise ConfigError(f"UNITER checkpoint lacks {len(backbone_keys)} weight(s), e.g. {backbone_keys[:3]}")
+    if "rank_head.weight" not in mapped and "itm_head.weight" in mapped:
+        model.init_rank_from_itm()
+    return model
