@@ -7,10 +7,10 @@ in at least float32 whatever the input dtype (float64 stays float64).
 Only the row/column spans that hold the batch's words and regions are touched ([first, last + 1) positions
 over the batch; for the usual layout `[CLS] w.. [SEP] pad r.. pad` that is the word and region ranges): a
 block attention is the head mean of a softmax of the view scores[:, :, rows, cols] with -inf added on the
-columns that are not the group's in a sample, so those columns are exactly 0 and matrix products only sum over
-the right block. Rows that are not the group's are finite garbage with weight 0 in the row mean: padding never
-changes a result and never makes a NaN. Singular alignment only needs an argmax of the cross blocks, so they
-are computed without autograd. One host sync per call (the spans).
+columns that are not the group's in a sample (skipped when there are none), so those columns are exactly 0
+and matrix products only sum over the right block. Rows that are not the group's are finite garbage with
+weight 0 in the row mean: padding never changes a result and never makes a NaN. Singular alignment only needs
+an argmax of the cross blocks, so they are computed without autograd. One host sync per call (the spans).
 
 Samples without any word or without any region have no IAIS: their per-sample value is 0 and ``iais_loss``
 averages over the other samples only (0 when there are none).
@@ -108,7 +108,8 @@ def _per_sample_mkl(scores: Tensor, word_mask: Tensor, region_mask: Tensor, alig
     masks = (word_mask, region_mask)
     with_grad, argmax_only = _needed_blocks(alignment, side)
     dtype = _compute_dtype(scores)
-    bias = [None if full[g] else _column_bias(masks[g][:, slice(*spans[g])], dtype) for g in (_WORDS, _REGIONS)]
+    bias = [None if full[g] else _column_bias(masks[g][:, slice(*spans[g])], dtype)
+            for g in (_WORDS, _REGIONS)]
     computed = _BlockAttention.apply(scores, tuple((spans[r], spans[c]) for r, c in with_grad),
                                      *(bias[c] for _, c in with_grad))
     blocks = dict(zip(with_grad, computed))

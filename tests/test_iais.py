@@ -302,3 +302,39 @@ def test_matches_loop_with_scattered_positions(alignment):
     for side in ("L", "V", "both"):
         torch.testing.assert_close(isd(scores, word, region, alignment, side).double(),
                                    _loop_mkl(scores, word, region, alignment, side), rtol=1e-5, atol=1e-5)
+
+
+def _loop_isda(scores, word_mask, region_mask, word_to_region):
+    """The isd_annotated docstring's definition, one sample at a time."""
+    out = []
+    for b in range(scores.shape[0]):
+        a = scores[b].double()
+        w = word_mask[b].nonzero().flatten()
+        r = region_mask[b].nonzero().flatten()
+        ll = torch.softmax(a[:, w][:, :, w], -1).mean(0)
+        vv = torch.softmax(a[:, r][:, :, r], -1).mean(0)
+        targets = word_to_region[b, w]
+        keep = torch.tensor([int(t) in r.tolist() for t in targets], dtype=torch.bool)
+        if not keep.any():
+            out.append(torch.zeros((), dtype=torch.float64))
+            continue
+        region_index = torch.tensor([r.tolist().index(int(t)) for t in targets[keep]])
+        kept_regions = sorted(set(region_index.tolist()))
+        ll_a = ll[keep][:, keep]
+        ll_a = ll_a / ll_a.sum(1, keepdim=True)
+        vv_a = vv[kept_regions][:, kept_regions]
+        vv_a = vv_a / vv_a.sum(1, keepdim=True)
+        pos = torch.tensor([kept_regions.index(int(i)) for i in region_index])
+        pseudo = torch.softmax(vv_a[pos][:, pos], -1)
+        kl = (ll_a * (ll_a.log() - pseudo.log())).sum(-1) + (pseudo * (pseudo.log() - ll_a.log())).sum(-1)
+        out.append(kl.mean())
+    return torch.stack(out)
+
+
+def test_isd_annotated_matches_loop():
+    scores, word, region = _random_batch(LENGTHS, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    w2r = torch.randint(7, 15, word.shape, generator=gen)  # some hit padding regions: unannotated
+    w2r[torch.rand(word.shape, generator=gen) < 0.3] = -1
+    torch.testing.assert_close(isd_annotated(scores, word, region, w2r).double(),
+                               _loop_isda(scores, word, region, w2r), rtol=1e-5, atol=1e-5)
