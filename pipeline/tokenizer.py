@@ -81,7 +81,9 @@ class SentencePieceTokenizer:
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=sentences, model_writer=model, vocab_size=vocab_size,
-                model_type="unigram", character_coverage=1.0, normalization_rule_name="nmt_nfkc_cf",
+                # BPE, not unigram: on small regular caption sets (the synthetic scenes) unigram pruning
+                # collapsed to ~50 mostly single-character pieces; BPE keeps merging up to whole words.
+                model_type="bpe", character_coverage=1.0, normalization_rule_name="nmt_nfkc_cf",
                 pad_id=0, pad_piece="[PAD]", unk_id=1, unk_piece="[UNK]", bos_id=-1, eos_id=-1,
                 control_symbols=list(SPECIAL_PIECES[2:]), hard_vocab_limit=False, minloglevel=2,
                 num_threads=1)

@@ -113,3 +113,16 @@ def test_wordpiece_missing_specials(tmp_path):
     path.write_text("[PAD]\n[UNK]\nhello\n", encoding="utf-8")
     with pytest.raises(UserError, match="CLS"):
         WordPieceTokenizer(path)
+
+
+def test_regular_captions_tokenize_to_whole_words(tmp_path):
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+    shapes = ["circle", "square", "triangle", "star"]
+    relations = ["to the left of", "to the right of", "above", "below"]
+    captions = [f"a picture of a {size} {c1} {s1} {rel} a {c2} {s2}"
+                for size in ("small", "large") for c1 in colours for s1 in shapes for rel in relations
+                for c2 in colours[:3] for s2 in shapes[:2]]
+    sp = SentencePieceTokenizer.train(captions, tmp_path / "regular.model", vocab_size=200)
+    text = "a picture of a small purple star to the right of a blue circle"
+    enc = sp.encode(text, max_len=64)
+    assert len(enc.ids) == len(text.split()) + 2  # every word one piece, plus [CLS] and [SEP]
