@@ -44,7 +44,8 @@ class ItcHead(nn.Module):
         super().__init__()
         self.text_proj = nn.Linear(cfg.hidden_size, cfg.itc_dim)
         self.image_proj = nn.Linear(cfg.hidden_size, cfg.itc_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # shape [1], not a 0-dim scalar: DeepSpeed views parameters as flat byte buffers (fails on 0-dim)
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))
 
     def text(self, cls_hidden: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(cls_hidden), dim=-1)

@@ -87,6 +87,33 @@ def isd_annotated(scores: Tensor, word_mask: Tensor, region_mask: Tensor, word_t
         return torch.where(ann.any(1), mkl, torch.zeros_like(mkl))
 
 
+def _one_block(logits: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """mean_h softmax(A_h[rows, cols]) for one sample's logits [H, N, N] -> [len(rows), len(cols)]."""
+    block = logits.float()[:, rows][:, :, cols]
+    return torch.softmax(block, dim=-1).mean(0)
+
+
+def attention_maps(logits: Tensor, words: Tensor, regions: Tensor, alignment: str) -> dict[str, Tensor]:
+    """S_LL, S_VV and their pseudo counterparts P_L, P_V of ONE sample, for pictures.
+
+    ``logits`` [H, N, N]; ``words`` / ``regions`` long position indices. A plain per-sample rendering of the
+    DESIGN.md definitions (the batched losses above are what training and ISD use).
+    """
+    s_ll = _one_block(logits, words, words)
+    s_vv = _one_block(logits, regions, regions)
+    s_lv = _one_block(logits, words, regions)
+    s_vl = _one_block(logits, regions, words)
+    if alignment == "singular":
+        a, b = s_lv.argmax(1), s_vl.argmax(1)
+        p_l = torch.softmax(s_vv[a][:, a], dim=-1)
+        p_v = torch.softmax(s_ll[b][:, b], dim=-1)
+    elif alignment == "distributed":
+        p_l, p_v = s_lv @ s_vl, s_vl @ s_lv
+    else:
+        p_l, p_v = s_lv @ s_vv @ s_vl, s_vl @ s_ll @ s_lv
+    return {"S_LL": s_ll, "P_L": p_l, "S_VV": s_vv, "P_V": p_v}
+
+
 def annotated_words(word_mask: Tensor, region_mask: Tensor, word_to_region: Tensor) -> Tensor:
     """Bool [B, N]: words whose annotation points at a region position (the set A of ``isd_annotated``)."""
     target = word_to_region.long().clamp_min(0)

@@ -28,6 +28,7 @@ class EvalSplit:
     quadruples: list[dict] = field(default_factory=list)   # quadruples.json entries, plus resolved rows:
     # image0/image1 (row), caption0/caption1 (caption row or -1) under keys *_row
     skipped: dict[str, int] = field(default_factory=dict)
+    image_sizes: list[tuple[float, float]] = field(default_factory=list)   # stored (width, height) per image
 
     @property
     def index_of(self) -> dict[str, int]:
@@ -85,6 +86,7 @@ def load_eval_split(path: str, tokenizer, cfg) -> EvalSplit:
     pipe = wds.DataPipeline(wds.SimpleShardList([s.url for s in shards]),
                             wds.tarfile_to_samples(handler=counter.handler, select_files=select_member))
     keys, image_parts, objects, captions, text_parts, caption_image = [], [], [], [], [], []
+    sizes: list[tuple[float, float]] = []
     for sample in pipe:
         key = sample["__key__"]
         try:
@@ -99,6 +101,7 @@ def load_eval_split(path: str, tokenizer, cfg) -> EvalSplit:
         keys.append(key)
         image_parts.append(image)
         objects.append(meta.get("objects") or [])
+        sizes.append((float(meta.get("width") or 0), float(meta.get("height") or 0)))
         captions.extend(caps)
         text_parts.extend(texts)
         caption_image.extend([row] * len(caps))
@@ -109,7 +112,8 @@ def load_eval_split(path: str, tokenizer, cfg) -> EvalSplit:
         image_captions[row].append(c)
     split = EvalSplit(keys, torch.tensor([stable_id(k) for k in keys], dtype=torch.long),
                       collate_image(image_parts, spec), objects, captions, collate_text(text_parts),
-                      torch.tensor(caption_image, dtype=torch.long), image_captions, skipped=counter.counts)
+                      torch.tensor(caption_image, dtype=torch.long), image_captions, skipped=counter.counts,
+                      image_sizes=sizes)
     base = Path(path) if Path(path).is_dir() else Path(shards[0].url).parent
     if (base / "quadruples.json").is_file():
         split.quadruples = _resolve_quadruples(base / "quadruples.json", split)

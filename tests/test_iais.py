@@ -338,3 +338,25 @@ def test_isd_annotated_matches_loop():
     w2r[torch.rand(word.shape, generator=gen) < 0.3] = -1
     torch.testing.assert_close(isd_annotated(scores, word, region, w2r).double(),
                                _loop_isda(scores, word, region, w2r), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("alignment", ["singular", "distributed", "congruence"])
+def test_attention_maps_of_one_sample_match_isd(alignment):
+    from models.iais import attention_maps
+    torch.manual_seed(3)
+    n = 9
+    scores = torch.randn(1, 2, n, n, dtype=torch.float64)
+    word_mask = torch.zeros(1, n, dtype=torch.bool)
+    region_mask = torch.zeros(1, n, dtype=torch.bool)
+    word_mask[0, 1:4] = True
+    region_mask[0, 5:9] = True
+    maps = attention_maps(scores[0], torch.arange(1, 4), torch.arange(5, 9), alignment)
+    eps = 0.0 if alignment == "singular" else 1e-6
+
+    def mkl(p, q):
+        lp, lq = (p + eps).log(), (q + eps).log()
+        return ((p * (lp - lq)).sum(1) + (q * (lq - lp)).sum(1)).mean()
+
+    for side, (s, pseudo) in {"L": ("S_LL", "P_L"), "V": ("S_VV", "P_V")}.items():
+        expected = isd(scores, word_mask, region_mask, alignment, side)[0]
+        assert torch.allclose(mkl(maps[s], maps[pseudo]).to(expected.dtype), expected, atol=1e-5)

@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""relalign pretrain entry point: `deepspeed launch/pretrain.py --deepspeed_config ds_configs/zero2.json [--config X.yaml]
+[--set key=value ...]`. Run with --help for every option and config key."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # runnable from a plain checkout too
+
+from pipeline.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main("pretrain"))

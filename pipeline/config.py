@@ -1,0 +1,525 @@
+"""Typed experiment configuration: YAML file + ``--set a.b=value`` overrides, validated once.
+
+Division of labour with the DeepSpeed JSON (the single source of batch size, gradient accumulation,
+clipping, optimizer and scheduler):
+
+* the experiment config never *redefines* those; its ``train.micro_batch_size``, ``train.grad_accum``,
+  ``train.lr`` and ``train.warmup_steps`` default to ``"auto"``, which means "whatever the DeepSpeed JSON says";
+* a DeepSpeed JSON value may itself be ``"auto"``, which means "fill in from the experiment config"
+  (the ds_configs/ shipped here do that for batch size, lr and warmup, so one JSON serves every experiment);
+* when both give a number they must agree, otherwise start-up fails with one line (exit 2);
+* when both say ``"auto"`` start-up fails too (nobody defined the value).
+The scheduler's ``total_num_steps`` always comes from ``train.steps``. ``bf16.enabled: "auto"`` is resolved
+once, in :func:`resolve_ds_config`, from the accelerator: bf16 on a GPU that supports it, fp32 on CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from pipeline import evaluation
+from pipeline.errors import UserError
+from pipeline.synthetic import SyntheticConfig   # data.synthetic: section
+from pipeline.tracking import TrackingConfig   # tracking: section (uri None: $MLFLOW_TRACKING_URI, else local store)
+
+Auto = Literal["auto"]
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = REPO_ROOT / ".cache" / "relalign"
+
+
+@dataclass
+class SourceConfig:
+    """One pretraining shard source and its mixing weight (UNITER mixes COCO, VG, CC, SBU)."""
+    shards: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    root: Optional[str] = None            # dataset root holding train/ val/ test/ (synthetic: built here)
+    synthetic: Optional[SyntheticConfig] = None
+    train: Optional[str] = None           # shards: directory, manifest.json or brace pattern; default <root>/train
+    val: Optional[str] = None
+    test: Optional[str] = None
+    tokenizer: Optional[str] = None       # .model (SentencePiece) or vocab .txt; None: train one into the cache
+    vocab_size: int = 1000
+    image_size: int = 64
+    max_text_len: int = 32
+    num_workers: int = 1
+    shuffle_buffer: int = 500
+    resampled: bool = False
+    image_mode: Literal["patch", "roi", "features"] = "patch"
+    max_regions: int = 36
+
+
+@dataclass
+class ModelConfigRef:
+    preset: str = "tiny"                  # models/presets/<preset>.json, or a path to a model config.json
+    overrides: dict = field(default_factory=dict)   # ModelConfig fields, passed to models.create_model
+    init: Optional[str] = None            # save_pretrained dir, DeepSpeed checkpoint dir or UNITER .pt
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000                     # optimizer steps (the scheduler's total_num_steps)
+    micro_batch_size: Union[int, Auto] = "auto"   # per rank; "auto": from the DeepSpeed JSON
+    grad_accum: Union[int, Auto] = "auto"
+    lr: Union[float, Auto] = "auto"
+    warmup_steps: Union[int, Auto] = "auto"
+    log_every: int = 10
+    val_every: int = 0                    # 0: validate only at the end
+    threads: int = 0                      # torch threads per rank; 0: cores / local ranks
+
+
+@dataclass
+class IaisConfig:
+    alignment: Literal["none", "singular", "distributed", "congruence"] = "singular"
+    side: Literal["alternate", "L", "V", "both"] = "alternate"
+    weight: float = 0.1
+    schedule: Literal["exp", "linear", "log", "const"] = "exp"
+    layers: list = field(default_factory=lambda: [-1])
+
+
+@dataclass
+class FinetuneConfig:
+    negative_size: int = 31               # candidates scored without gradients per anchor
+    hard_size: int = 3                    # highest-scoring candidates kept per anchor
+    margin: float = 0.2
+    pool_size: int = 1024                 # recently streamed images/texts kept as candidates
+    # alternate (the reference): text-anchored groups (one text, hard images) on even steps, image-anchored
+    # groups on odd steps; both: both every step; text / image: one kind only
+    directions: Literal["alternate", "both", "text", "image"] = "alternate"
+    itc_preselect: int = 0                # >0: shortlist this many candidates by ITC before cross-scoring
+    hard_start_step: int = 0              # before this step negatives are random pool candidates (a curriculum
+                                          # for models without a pretrained start; mining costs nothing then)
+    bce_weight: float = 0.0               # + w * BCE(sigmoid(rank) of positives -> 1, negatives -> 0): keeps a
+                                          # model trained from scratch out of the all-scores-low collapse
+    init_rank_from_itm: bool = True
+    iais: IaisConfig = field(default_factory=IaisConfig)
+
+
+@dataclass
+class PretrainTasks:
+    mlm: float = 1.0
+    itm: float = 1.0
+    itc: float = 1.0
+    mrfr: float = 0.0                     # region modes only
+
+
+@dataclass
+class PretrainConfig:
+    tasks: PretrainTasks = field(default_factory=PretrainTasks)
+    mlm_prob: float = 0.15
+    itc_temperature: float = 0.07
+    sources: list[SourceConfig] = field(default_factory=list)   # empty: data.train with weight 1
+
+
+@dataclass
+class EvalConfig(evaluation.EvalConfig):
+    """The evaluation module's settings (full/two-stage retrieval, ISD, Winoground, pictures) plus when and
+    on what the training stages evaluate."""
+    two_stage: bool = False               # the ITC shortlist needs a model pretrained with ITC
+    score_batch: int = 512
+    progress: bool = False
+    val_max_images: int = 0               # validation on the first N images only (0: all)
+    val_captions_per_image: int = 0       # validation with the first K captions of each image (0: all)
+    test: bool = True                     # final test evaluation with the best checkpoint's weights
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0                        # DeepSpeed checkpoint every N steps (0: only at the end)
+    resume: Union[bool, Auto, str] = False   # True/"auto": continue from <run_dir>/checkpoints latest; or a dir
+    export: bool = True                   # consolidated fp32 save_pretrained dir at the end
+    keep_best: bool = True                # keep the best validation model (by rsum) as <run_dir>/best
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "relalign"
+    seed: int = 0
+    run_dir: str = "runs/relalign"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfigRef = field(default_factory=ModelConfigRef)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ----------------------------------------------------------------------------- typed conversion
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _is_union(tp) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _type_name(tp) -> str:
+    if _is_union(tp):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is Literal:
+        return "one of " + "|".join(str(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp, where: str):
+    """Return ``value`` as type ``tp`` or raise UserError naming ``where``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None and where:
+            return tp()
+        if not isinstance(value, dict):
+            raise UserError(f"config '{where}' must be a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if _is_union(tp):
+        real = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is not None and len(real) == 1:   # Optional[X]: X's own, more precise error
+            return _convert(value, real[0], where)
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(value, arg, where)
+            except UserError:
+                continue
+        raise UserError(f"config '{where}' = {value!r} has the wrong type: expected {_type_name(tp)}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise UserError(f"config '{where}' = {value!r} is not {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise UserError(f"config '{where}' = {value!r}: expected null")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config '{where}' = {value!r} has the wrong type: expected a list")
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else Any
+        return tuple(_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is list or tp is list:
+        if not isinstance(value, list):
+            raise UserError(f"config '{where}' = {value!r} has the wrong type: expected a list")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config '{where}' = {value!r} has the wrong type: expected a mapping")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):   # PyYAML reads "5e-5" as a string
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise UserError(f"config '{where}' = {value!r} has the wrong type: expected {_type_name(tp)}")
+
+
+def _build(cls, raw: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in hints:
+            full = f"{where}.{key}" if where else key
+            raise UserError(f"config key '{full}' is unknown; known keys{' under ' + repr(where) if where else ''}: "
+                            f"{', '.join(names)}")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark is not None else ""
+        raise UserError(f"config file {path} is not valid YAML{at}: fix its syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections (data:, model:, train:, ...)")
+    return raw
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` (value parsed as YAML) to the nested dict ``raw``."""
+    if "=" not in assignment:
+        raise UserError(f"--set {assignment!r} must look like section.key=value (e.g. train.steps=200)")
+    key, text = assignment.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise UserError(f"--set {assignment!r}: the value is not valid YAML") from None
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise UserError(f"--set {assignment!r}: '{part}' is a value, not a section")
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> ExperimentConfig:
+    """Load, override and type-check an experiment config (no file-system checks; see validate_paths)."""
+    raw = _read_yaml(Path(path)) if path else {}
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    cfg = _build(ExperimentConfig, raw, "")
+    _check_values(cfg)
+    return cfg
+
+
+def _check_values(cfg: ExperimentConfig) -> None:
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise UserError(msg)
+
+    need(cfg.train.steps > 0, f"config 'train.steps' = {cfg.train.steps} must be > 0")
+    for name in ("micro_batch_size", "grad_accum", "warmup_steps"):
+        v = getattr(cfg.train, name)
+        need(v == "auto" or v >= (0 if name == "warmup_steps" else 1),
+             f"config 'train.{name}' = {v} must be positive or 'auto'")
+    ft = cfg.finetune
+    need(ft.hard_size >= 1, f"config 'finetune.hard_size' = {ft.hard_size} must be >= 1")
+    need(ft.negative_size >= ft.hard_size,
+         f"config 'finetune.negative_size' = {ft.negative_size} must be >= finetune.hard_size ({ft.hard_size})")
+    need(ft.pool_size > ft.negative_size,
+         f"config 'finetune.pool_size' = {ft.pool_size} must exceed finetune.negative_size ({ft.negative_size})")
+    need(all(isinstance(x, int) for x in ft.iais.layers),
+         f"config 'finetune.iais.layers' = {ft.iais.layers} must be a list of layer indices")
+    need(0.0 < cfg.pretrain.mlm_prob < 1.0, f"config 'pretrain.mlm_prob' = {cfg.pretrain.mlm_prob} must be in (0, 1)")
+    t = cfg.pretrain.tasks
+    need(min(t.mlm, t.itm, t.itc, t.mrfr) >= 0 and t.mlm + t.itm + t.itc + t.mrfr > 0,
+         "config 'pretrain.tasks' ratios must be >= 0 and not all 0")
+    need(t.mrfr == 0 or cfg.data.image_mode != "patch",
+         "config 'pretrain.tasks.mrfr' needs regions: set data.image_mode to roi or features, or mrfr to 0")
+    for i, s in enumerate(cfg.pretrain.sources):
+        need(s.weight > 0, f"config 'pretrain.sources[{i}].weight' = {s.weight} must be > 0")
+    need(cfg.data.synthetic is not None or cfg.data.root is not None or cfg.data.train is not None
+         or bool(cfg.pretrain.sources), "config 'data' names no data: set data.train (shards) or data.synthetic")
+
+
+# ----------------------------------------------------------------------------- paths
+
+def resolve_path(p: str | Path) -> Path:
+    path = Path(os.path.expanduser(str(p)))
+    return path if path.is_absolute() else Path.cwd() / path
+
+
+def split_path(cfg: ExperimentConfig, split: str) -> Optional[str]:
+    """Shards location of ``split`` (train/val/test): explicit data.<split>, else <root>/<split>."""
+    explicit = getattr(cfg.data, split)
+    if explicit:
+        return explicit
+    root = data_root(cfg)
+    return str(root / split) if root is not None else None
+
+
+def data_root(cfg: ExperimentConfig) -> Optional[Path]:
+    if cfg.data.root:
+        return resolve_path(cfg.data.root)
+    if cfg.data.synthetic is not None:
+        import hashlib
+        digest = hashlib.sha1(json.dumps(cfg.data.synthetic.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+        return DEFAULT_CACHE / f"synthetic-{digest}"
+    return None
+
+
+def _is_remote(spec: str) -> bool:
+    return "://" in spec or spec.startswith("pipe:")
+
+
+def check_shards_exist(spec: str, field_name: str) -> None:
+    """UserError unless ``spec`` (directory, manifest, tar or brace pattern) names existing local shards."""
+    if _is_remote(spec):
+        return
+    path = resolve_path(spec)
+    if path.is_dir():
+        if not (path / "manifest.json").is_file() and not any(path.glob("*.tar")):
+            raise UserError(f"config '{field_name}' = {spec}: the directory holds no manifest.json or .tar shards")
+        return
+    if "{" in spec:
+        import braceexpand
+        missing = [p for p in braceexpand.braceexpand(str(path)) if not Path(p).is_file()]
+        if missing:
+            raise UserError(f"config '{field_name}' = {spec}: shard {missing[0]} does not exist "
+                            f"({len(missing)} missing); check the path or build the shards first")
+        return
+    if not path.is_file():
+        raise UserError(f"config '{field_name}' = {spec}: no such shard directory, manifest or tar file")
+
+
+def validate_paths(cfg: ExperimentConfig, stage: Literal["pretrain", "finetune"]) -> None:
+    """Shard paths must exist unless the synthetic dataset will be built into them."""
+    builds = cfg.data.synthetic is not None
+    if stage == "pretrain" and cfg.pretrain.sources:
+        for i, s in enumerate(cfg.pretrain.sources):
+            check_shards_exist(s.shards, f"pretrain.sources[{i}].shards")
+    splits = ["train"] if stage == "pretrain" and not cfg.pretrain.sources else []
+    if stage == "finetune":
+        splits = ["train", "val"] + (["test"] if cfg.eval.test else [])
+    for split in splits:
+        spec = split_path(cfg, split)
+        if spec is None:
+            raise UserError(f"config 'data.{split}' is not set; give the {split} shards (or data.root)")
+        if builds and getattr(cfg.data, split) is None:
+            continue
+        check_shards_exist(spec, f"data.{split}" if getattr(cfg.data, split) else f"data.root ({split}/)")
+    if cfg.data.tokenizer and not resolve_path(cfg.data.tokenizer).is_file():
+        raise UserError(f"config 'data.tokenizer' = {cfg.data.tokenizer}: no such file; give a .model or vocab .txt")
+    if cfg.model.init and not resolve_path(cfg.model.init).exists():
+        raise UserError(f"config 'model.init' = {cfg.model.init}: no such checkpoint or save_pretrained directory")
+
+
+# ----------------------------------------------------------------------------- DeepSpeed JSON
+
+def read_ds_config(path: str | Path) -> dict:
+    p = resolve_path(path)
+    if not p.is_file():
+        raise UserError(f"--deepspeed_config {path}: no such file (see ds_configs/zero0..3.json)")
+    try:
+        ds = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--deepspeed_config {path} is not valid JSON (line {exc.lineno}): fix its syntax") from None
+    if not isinstance(ds, dict):
+        raise UserError(f"--deepspeed_config {path} must hold a JSON object")
+    return ds
+
+
+def _merge(ds_value, exp_value, ds_key: str, exp_key: str, src: str):
+    """One value defined by the DeepSpeed JSON and/or the experiment config ("auto" = the other one)."""
+    ds_auto = ds_value is None or ds_value == "auto"
+    exp_auto = exp_value == "auto"
+    if ds_auto and exp_auto:
+        raise UserError(f"{ds_key} is 'auto' in {src} and config '{exp_key}' is 'auto': set one of them")
+    if ds_auto:
+        return exp_value
+    if exp_auto or ds_value == exp_value:
+        return ds_value
+    raise UserError(f"{src} sets {ds_key}={ds_value} but config '{exp_key}' = {exp_value}: "
+                    f"they contradict; remove one (or make them equal)")
+
+
+def _bf16_supported(accelerator: str) -> bool:
+    if accelerator == "cpu":
+        return False
+    import torch
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def resolve_ds_config(ds: dict, cfg: ExperimentConfig, world_size: int, accelerator: str,
+                      src: str = "ds_config") -> dict:
+    """Fill the DeepSpeed JSON's "auto" values from ``cfg`` (and vice versa) and check they agree.
+
+    Writes the resolved micro batch size / grad accumulation / lr / warmup back into ``cfg.train`` so the
+    training code reads one consistent set of numbers. Returns a new dict for ``deepspeed.initialize``.
+    """
+    ds = json.loads(json.dumps(ds))
+    tr = cfg.train
+    mbs = _merge(ds.get("train_micro_batch_size_per_gpu"), tr.micro_batch_size,
+                 "train_micro_batch_size_per_gpu", "train.micro_batch_size", src)
+    gas = _merge(ds.get("gradient_accumulation_steps", "auto" if tr.grad_accum != "auto" else 1), tr.grad_accum,
+                 "gradient_accumulation_steps", "train.grad_accum", src)
+    for key, val in (("train_micro_batch_size_per_gpu", mbs), ("gradient_accumulation_steps", gas)):
+        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            raise UserError(f"{src}: {key} = {val!r} must be a positive integer")
+    ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = mbs, gas
+    tbs = ds.get("train_batch_size", "auto")
+    if tbs != "auto" and tbs != mbs * gas * world_size:
+        raise UserError(f"{src} sets train_batch_size={tbs} but micro batch {mbs} x grad accumulation {gas} x "
+                        f"world size {world_size} = {mbs * gas * world_size}: remove train_batch_size or fix it")
+    ds.pop("train_batch_size", None)
+
+    opt = ds.get("optimizer")
+    if not isinstance(opt, dict) or str(opt.get("type", "")).lower() not in ("adamw", "adam"):
+        raise UserError(f"{src}: 'optimizer' must be {{\"type\": \"AdamW\", \"params\": {{...}}}}")
+    params = opt.setdefault("params", {})
+    lr = _merge(params.get("lr"), tr.lr, "optimizer.params.lr", "train.lr", src)
+    params["lr"] = float(lr)
+
+    sched = ds.get("scheduler")
+    warmup = 0
+    if sched is not None:
+        stype = sched.get("type") if isinstance(sched, dict) else None
+        if stype not in ("WarmupDecayLR", "WarmupCosineLR"):
+            raise UserError(f"{src}: scheduler.type = {stype!r}; use WarmupDecayLR or WarmupCosineLR")
+        sp = sched.setdefault("params", {})
+        warmup = _merge(sp.get("warmup_num_steps"), tr.warmup_steps, "scheduler.params.warmup_num_steps",
+                        "train.warmup_steps", src)
+        sp["warmup_num_steps"] = int(warmup)
+        total = sp.get("total_num_steps", "auto")
+        if total not in ("auto", None) and total != tr.steps:
+            raise UserError(f"{src} sets scheduler.params.total_num_steps={total} but config 'train.steps' = "
+                            f"{tr.steps}: they contradict; use \"auto\" in the JSON")
+        sp["total_num_steps"] = tr.steps
+        if stype == "WarmupDecayLR":
+            max_lr = sp.get("warmup_max_lr", "auto")
+            if max_lr not in ("auto", None) and float(max_lr) != params["lr"]:
+                raise UserError(f"{src}: scheduler.params.warmup_max_lr={max_lr} differs from the lr {params['lr']}")
+            sp["warmup_max_lr"] = params["lr"]
+            sp.setdefault("warmup_min_lr", 0.0)
+        if warmup > tr.steps:
+            raise UserError(f"warmup steps {warmup} exceed config 'train.steps' = {tr.steps}")
+    elif tr.warmup_steps not in ("auto", 0):
+        raise UserError(f"config 'train.warmup_steps' = {tr.warmup_steps} but {src} has no scheduler: add one")
+
+    _resolve_precision(ds, accelerator, src)
+    tr.micro_batch_size, tr.grad_accum, tr.lr, tr.warmup_steps = mbs, gas, float(lr), int(warmup)
+    return ds
+
+
+def _resolve_precision(ds: dict, accelerator: str, src: str) -> None:
+    bf16 = ds.setdefault("bf16", {"enabled": False})
+    if bf16.get("enabled") == "auto":
+        bf16["enabled"] = _bf16_supported(accelerator)
+    fp16 = ds.get("fp16", {})
+    if fp16.get("enabled") == "auto":
+        fp16["enabled"] = False
+    if accelerator == "cpu" and (bf16.get("enabled") is True or fp16.get("enabled") is True):
+        raise UserError(f"{src} enables bf16/fp16 but this run is on CPU: set bf16.enabled to \"auto\" or false")
+    if bf16.get("enabled") is True and fp16.get("enabled") is True:
+        raise UserError(f"{src} enables both bf16 and fp16: keep one")

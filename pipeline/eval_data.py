@@ -1,0 +1,152 @@
+"""An evaluation split held in memory, cut into packed model batches (the view evaluation works on)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from pipeline.errors import UserError
+
+IMAGE_FIELDS = ("pixels", "boxes", "region_mask", "region_pos", "region_feat")
+
+
+@dataclass
+class EvalData:
+    """All images and captions of a split.
+
+    images: per-image tensors stacked on dim 0 (any of ``pixels`` [n,3,H,W], ``boxes`` [n,M,4],
+    ``region_mask`` [n,M], ``region_pos`` [n,M,7], ``region_feat`` [n,M,D]).
+    caption_ids: token ids of each caption (``[CLS] ... [SEP]``, unpadded).
+    text_to_image: image index of each caption. captions: the caption strings (pictures).
+    token_objects: per caption, per token, the annotated object index (-1 none), or None.
+    object_centres: per image, the normalised (x, y) centre of each annotated object [k, 2], or None.
+    quadruples: relation-swap quadruples as (image0, caption0, image1, caption1) indices.
+    token_words: per caption, per token, the index of its whitespace word (-1 specials), or None.
+    thumbnails: uint8 [n, H, W, 3] small images for pictures, or None.
+    """
+
+    image_keys: list[str]
+    images: dict[str, torch.Tensor]
+    caption_ids: list[list[int]]
+    text_to_image: torch.Tensor
+    captions: list[str] = field(default_factory=list)
+    token_objects: list[list[int]] | None = None
+    object_centres: list[torch.Tensor] | None = None
+    quadruples: list[tuple[int, int, int, int]] = field(default_factory=list)
+    token_words: list[list[int]] | None = None
+    thumbnails: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.text_to_image = torch.as_tensor(self.text_to_image, dtype=torch.long)
+        self._lengths = torch.tensor([len(ids) for ids in self.caption_ids], dtype=torch.long)
+        width = int(self._lengths.max()) if self.n_texts else 1
+        self._ids = torch.zeros(self.n_texts, width, dtype=torch.long)
+        for row, ids in enumerate(self.caption_ids):
+            self._ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        if "region_mask" in self.images:
+            self._region_counts = self.images["region_mask"].bool().sum(dim=1).long()
+        else:
+            self._region_counts = torch.zeros(self.n_images, dtype=torch.long)
+
+    @property
+    def n_images(self) -> int:
+        return len(self.image_keys)
+
+    @property
+    def n_texts(self) -> int:
+        return len(self.caption_ids)
+
+    @property
+    def has_annotations(self) -> bool:
+        return self.token_objects is not None and any(o >= 0 for row in self.token_objects for o in row)
+
+    def text_lengths(self) -> torch.Tensor:
+        return self._lengths
+
+    def max_text_len(self) -> int:
+        return int(self._lengths.max()) if self.n_texts else 0
+
+    def region_counts(self) -> torch.Tensor:
+        return self._region_counts
+
+    def text_inputs(self, idx: torch.Tensor, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """input_ids / text_mask of captions ``idx``, padded only to the longest of them."""
+        lengths = self._lengths[idx]
+        width = int(lengths.max())
+        mask = torch.arange(width)[None, :] < lengths[:, None]
+        return {"input_ids": self._ids[idx, :width].to(device, non_blocking=True),
+                "text_mask": mask.to(device, non_blocking=True)}
+
+    def token_object_rows(self, idx: torch.Tensor, width: int) -> torch.Tensor:
+        """[len(idx), width] annotated object index of each token (-1 none) for captions ``idx``."""
+        out = torch.full((len(idx), width), -1, dtype=torch.long)
+        if self.token_objects is None:
+            return out
+        for row, i in enumerate(idx.tolist()):
+            objs = self.token_objects[i][:width]
+            out[row, : len(objs)] = torch.tensor(objs, dtype=torch.long)
+        return out
+
+    def image_inputs(self, idx: torch.Tensor, device: torch.device | str = "cpu",
+                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The image part of a batch for images ``idx``; region padding trimmed to the longest;
+        floating-point tensors cast to ``dtype`` when given (a bf16/fp16 model's weights)."""
+        idx = idx.cpu()
+        batch = {k: v[idx] for k, v in self.images.items() if k in IMAGE_FIELDS}
+        if "region_mask" in batch:
+            m = max(1, int(batch["region_mask"].bool().sum(dim=1).max()))
+            for k in ("boxes", "region_mask", "region_pos", "region_feat"):
+                if k in batch:
+                    batch[k] = batch[k][:, :m]
+        return {k: v.to(device, dtype=dtype if dtype is not None and v.is_floating_point() else None)
+                for k, v in batch.items()}
+
+    def with_captions(self, texts: list[str], image_of: list[int], tokenizer, max_len: int) -> "EvalData":
+        """A copy with captions appended (e.g. user quadruples' text not present in the split)."""
+        if tokenizer is None:
+            raise UserError("quadruple captions that are not captions of the split need a tokenizer: "
+                            "pass --tokenizer (or use the model directory's tokenizer)")
+        new_ids = [list(tokenizer.encode(text, max_len).ids) for text in texts]
+        token_objects = None
+        if self.token_objects is not None:
+            token_objects = self.token_objects + [[-1] * len(ids) for ids in new_ids]
+        token_words = None
+        if self.token_words is not None:
+            token_words = self.token_words + [list(tokenizer.encode(t, max_len).word_index) for t in texts]
+        return replace(self, caption_ids=self.caption_ids + new_ids, captions=self.captions + list(texts),
+                       text_to_image=torch.cat([self.text_to_image,
+                                                torch.tensor(image_of, dtype=torch.long)]),
+                       token_objects=token_objects, token_words=token_words)
+
+
+def _object_centres(objects: list[dict], size: tuple[float, float]) -> torch.Tensor:
+    width, height = size
+    out = torch.full((len(objects), 2), -1.0)
+    for k, obj in enumerate(objects):
+        try:
+            x1, y1, x2, y2 = (float(v) for v in obj["box"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if width > 0 and height > 0:
+            out[k] = torch.tensor([(x1 + x2) / 2 / width, (y1 + y2) / 2 / height])
+    return out
+
+
+def from_split(split) -> EvalData:
+    """EvalData from pipeline.loader's EvalSplit.
+
+    The split's stored image sizes place annotated objects on the patch grid for ISDa in patch mode.
+    """
+    text = split.text
+    lengths = text["text_mask"].sum(dim=1).tolist()
+    ids = [row[:n] for row, n in zip(text["input_ids"].tolist(), lengths)]
+    token_objects = [row[:n] for row, n in zip(text["word_to_region"].tolist(), lengths)]
+    token_words = [row[:n] for row, n in zip(text["word_index"].tolist(), lengths)]
+    centres = [_object_centres(objs, size) for objs, size in zip(split.objects, split.image_sizes)]
+    rows = [tuple(q[f"{name}_row"] for name in ("image0", "caption0", "image1", "caption1"))
+            for q in split.quadruples]
+    quads = [row for row in rows if min(row) >= 0]
+    return EvalData(image_keys=list(split.keys), images=dict(split.images), caption_ids=ids,
+                    text_to_image=split.caption_image.clone(), captions=list(split.captions),
+                    token_objects=token_objects,
+                    object_centres=centres, quadruples=quads, token_words=token_words)

@@ -1,0 +1,516 @@
+"""Retrieval evaluation: full and two-stage cross-encoder retrieval, ISD/ISDa, Winoground scores.
+
+Work is split across the ranks of an initialised process group (any subset of it: every rank
+must call the same functions in the same order). Every rank runs the SAME number of model
+calls in every stage because under ZeRO-3 each forward gathers parameters collectively; the
+last rank's short slice is padded with dummy work whose results are dropped.
+
+Pass the bare ``nn.Module`` (``engine.module`` for a DeepSpeed engine): evaluation only calls
+its methods (encode_image / forward / score / embed_text / embed_image), never the engine.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from models import iais
+from models.image_encoder import ImageTokens
+from pipeline import distributed as ddp
+from pipeline.errors import UserError
+from pipeline.eval_data import EvalData, from_split
+from pipeline.metrics import retrieval_recalls, winoground_scores
+
+ALIGNMENTS = ("singular", "distributed", "congruence")
+SIDES = ("L", "V")
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and with which batch sizes.
+
+    score_batch: (text, image) pairs per cross-encoder forward. encode_batch: images per
+    encode_image call and texts/images per ITC embedding call. two_stage_k: images shortlisted per
+    text query by the ITC dual encoder (16 demo, 128 as ALBEF on Flickr30k); two_stage_k_texts:
+    texts shortlisted per image query (None: the same k, as ALBEF). isd_max_pairs: matched pairs
+    used for ISD/ISDa (evenly spaced over the captions; None = all). pictures: how many pairs /
+    queries get a PNG (0 = none).
+    """
+
+    full: bool = True
+    two_stage: bool = True
+    score_batch: int = 128
+    encode_batch: int = 64
+    two_stage_k: int = 16
+    two_stage_k_texts: int | None = None
+    isd_alignments: tuple[str, ...] = ALIGNMENTS
+    isd_sides: tuple[str, ...] = SIDES
+    isd_layer: int = -1
+    isd_max_pairs: int | None = 256
+    winoground: bool = True
+    pictures: int = 4
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("score_batch", "encode_batch", "two_stage_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"eval.{name}={value!r}: give a positive int")
+        if self.two_stage_k_texts is not None and (not isinstance(self.two_stage_k_texts, int)
+                                                   or self.two_stage_k_texts < 1):
+            raise UserError(f"eval.two_stage_k_texts={self.two_stage_k_texts!r}: give a positive int or null")
+        if self.isd_max_pairs is not None and (not isinstance(self.isd_max_pairs, int)
+                                               or self.isd_max_pairs < 0):
+            raise UserError(f"eval.isd_max_pairs={self.isd_max_pairs!r}: give an int >= 0 or null (all)")
+        self.isd_alignments = tuple(self.isd_alignments)
+        self.isd_sides = tuple(self.isd_sides)
+        bad = [a for a in self.isd_alignments if a not in ALIGNMENTS]
+        if bad:
+            raise UserError(f"eval.isd_alignments contains {bad}: use any of {list(ALIGNMENTS)}")
+        bad = [s for s in self.isd_sides if s not in SIDES]
+        if bad:
+            raise UserError(f"eval.isd_sides contains {bad}: use any of {list(SIDES)}")
+        if not isinstance(self.pictures, int) or self.pictures < 0:
+            raise UserError(f"eval.pictures={self.pictures!r}: give an int >= 0")
+
+
+@dataclass
+class EvalResult:
+    """metrics: flat dict of floats (recalls, ISD, Winoground, pairs/s); timings: seconds per stage;
+    scores: the full (or two-stage text->image) score matrix when computed (rank 0 and others alike)."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    scores: torch.Tensor | None = None
+    two_stage_scores: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+# ----------------------------------------------------------------------------- sharding
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def images_for(model, data: EvalData, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Image inputs of images ``idx`` on the model's device, floats in the model's dtype (bf16 engines)."""
+    param = next(model.parameters())
+    return data.image_inputs(idx, param.device, param.dtype)
+
+
+def _slice_bounds(n: int, world: int, r: int) -> tuple[int, int]:
+    per = math.ceil(n / world) if n else 0
+    return min(n, r * per), min(n, (r + 1) * per)
+
+
+def _gather_rows(local: torch.Tensor, per: int) -> torch.Tensor:
+    """Concatenate every rank's first-dim slice (each padded to ``per`` rows) in rank order."""
+    if not ddp.is_initialized() or ddp.world_size() == 1:
+        return local
+    padded = local.new_zeros((per,) + tuple(local.shape[1:]))
+    padded[: local.shape[0]] = local
+    if "nccl" in str(dist.get_backend()).lower() and padded.device.type != "cuda":
+        padded = padded.cuda()
+    parts = [torch.empty_like(padded) for _ in range(ddp.world_size())]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p.to(local.device) for p in parts], dim=0)
+
+
+def sharded_map(order: torch.Tensor, batch_size: int, fn: Callable[[torch.Tensor], torch.Tensor],
+                desc: str = "", progress: bool = True) -> torch.Tensor:
+    """Apply ``fn`` to batches of the items listed in ``order`` split across ranks; gather the rows.
+
+    ``fn(idx)`` returns a tensor whose first dim matches ``idx``. Each rank takes a contiguous
+    slice of ``order``; all ranks make the same number of ``fn`` calls (empty batches are
+    replaced by a dummy call on ``order[:1]`` whose output is dropped). The result is indexed by
+    position in ``order`` (row i belongs to item ``order[i]``), identical on every rank.
+    """
+    world, r = ddp.world_size() if ddp.is_initialized() else 1, ddp.rank() if ddp.is_initialized() else 0
+    n = order.numel()
+    lo, hi = _slice_bounds(n, world, r)
+    per = math.ceil(n / world) if n else 0
+    calls = max(1, math.ceil(per / batch_size))
+    if n == 0:
+        raise ValueError("sharded_map: nothing to compute")
+    outs: list[torch.Tensor] = []
+    bar = tqdm(total=hi - lo, desc=desc, disable=not (progress and r == 0), leave=False, unit="it")
+    for c in range(calls):
+        idx = order[lo + c * batch_size: min(hi, lo + (c + 1) * batch_size)]
+        real = idx.numel() > 0
+        out = fn(idx if real else order[:1]).detach()  # dummy call keeps collectives aligned
+        outs.append(out if real else out[:0])
+        bar.update(idx.numel())
+    bar.close()
+    return _gather_rows(torch.cat(outs, dim=0), per)[:n]
+
+
+# ----------------------------------------------------------------------------- image tokens
+
+def _take(tokens: ImageTokens, rows: torch.Tensor, width: int | None) -> ImageTokens:
+    """Rows of cached ImageTokens; image padding trimmed to ``width`` tokens (real tokens come first)."""
+    m = tokens.mask.shape[1] if width is None else max(1, min(width, tokens.mask.shape[1]))
+    return ImageTokens(tokens.feat[rows, :m], tokens.pos[rows, :m], tokens.mask[rows, :m])
+
+
+def _cat_tokens(parts: list[ImageTokens]) -> ImageTokens:
+    m = max(p.mask.shape[1] for p in parts)
+
+    def pad(x: torch.Tensor, value) -> torch.Tensor:
+        if x.shape[1] == m:
+            return x
+        shape = (x.shape[0], m - x.shape[1]) + tuple(x.shape[2:])
+        return torch.cat([x, x.new_full(shape, value)], dim=1)
+
+    return ImageTokens(torch.cat([pad(p.feat, 0) for p in parts]), torch.cat([pad(p.pos, 0) for p in parts]),
+                       torch.cat([pad(p.mask, False) for p in parts]))
+
+
+def encode_images(model, data: EvalData, images: torch.Tensor, calls: int, batch_size: int) -> ImageTokens:
+    """Run the image backbone once per image in ``images``; exactly ``calls`` encode_image calls
+    (extra calls re-encode the first batch and are dropped, for ZeRO-3 alignment)."""
+    parts: list[ImageTokens] = []
+    for c in range(calls):
+        idx = images[c * batch_size:(c + 1) * batch_size]
+        if idx.numel() == 0:
+            model.encode_image(images_for(model, data, images[:1]))
+            continue
+        parts.append(model.encode_image(images_for(model, data, idx)))
+    if not parts:
+        return ImageTokens(torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.bool))
+    return _cat_tokens(parts)
+
+
+# ----------------------------------------------------------------------------- pair scoring
+
+def _pair_order(data: EvalData, pairs: torch.Tensor) -> torch.Tensor:
+    """Image-major order (images by real-token count), captions by length within an image, so each
+    rank's contiguous slice needs few images and similar images share batches."""
+    img_rank = torch.empty(data.n_images, dtype=torch.long)
+    img_rank[torch.argsort(data.region_counts(), stable=True)] = torch.arange(data.n_images)
+    key = img_rank[pairs[:, 1]] * (data.max_text_len() + 1) + data.text_lengths()[pairs[:, 0]]
+    return torch.argsort(key, stable=True)
+
+
+def score_pairs(model, data: EvalData, pairs: torch.Tensor, cfg: EvalConfig,
+                desc: str = "scoring") -> torch.Tensor:
+    """Cross-encoder rank logits of (text, image) ``pairs`` [P, 2] -> float32 [P] (CPU), on all ranks.
+
+    The backbone runs once per image per rank slice; its ImageTokens are reused for every pair.
+    """
+    device = _device_of(model)
+    world = ddp.world_size() if ddp.is_initialized() else 1
+    r = ddp.rank() if ddp.is_initialized() else 0
+    order = _pair_order(data, pairs)
+    ordered = pairs[order]
+    n = ordered.shape[0]
+    needed = [torch.unique(ordered[slice(*_slice_bounds(n, world, q)), 1]) for q in range(world)]
+    calls = max(1, max(math.ceil(x.numel() / cfg.encode_batch) for x in needed))
+    mine = needed[r] if needed[r].numel() else ordered[:1, 1]
+    tokens = encode_images(model, data, mine, calls, cfg.encode_batch)
+    row_of = torch.zeros(data.n_images, dtype=torch.long)  # other ranks' images (dummy calls) -> row 0
+    row_of[mine] = torch.arange(mine.numel())
+    counts = data.region_counts()
+    trim = "region_mask" in data.images
+
+    def fn(pos: torch.Tensor) -> torch.Tensor:
+        chunk = ordered[pos]
+        rows = row_of[chunk[:, 1]].to(device, non_blocking=True)
+        width = int(counts[chunk[:, 1]].max()) if trim else None
+        batch = data.text_inputs(chunk[:, 0], device)
+        return model.score(batch, image_tokens=_take(tokens, rows, width)).float()
+
+    perm = _length_sorted_slices(data, ordered, world)
+    out = sharded_map(perm, cfg.score_batch, fn, desc=desc, progress=cfg.progress).cpu()
+    scores = torch.empty(n, dtype=torch.float32)
+    scores[order[perm]] = out
+    return scores
+
+
+def _length_sorted_slices(data: EvalData, ordered: torch.Tensor, world: int) -> torch.Tensor:
+    """Positions 0..P-1 with each rank's slice (image-major, so few images per rank) re-sorted by
+    caption length, so every batch holds captions of nearly one length: least text padding."""
+    n = ordered.shape[0]
+    parts = []
+    for q in range(world):
+        lo, hi = _slice_bounds(n, world, q)
+        pos = torch.arange(lo, hi)
+        key = data.text_lengths()[ordered[pos, 0]] * (n + 1) + pos  # ties keep the image-major order
+        parts.append(pos[torch.argsort(key, stable=True)])
+    return torch.cat(parts)
+
+
+def _sync_time() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    ddp.barrier()
+    return time.perf_counter()
+
+
+def full_retrieval(model, data: EvalData, cfg: EvalConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Score every (text, image) pair -> ([n_texts, n_images] matrix, stats with time and pairs/s)."""
+    t0 = _sync_time()
+    texts = torch.arange(data.n_texts).repeat_interleave(data.n_images)
+    images = torch.arange(data.n_images).repeat(data.n_texts)
+    scores = score_pairs(model, data, torch.stack([texts, images], 1), cfg, desc="full retrieval")
+    seconds = _sync_time() - t0
+    n_pairs = data.n_texts * data.n_images
+    return scores.view(data.n_texts, data.n_images), {"full_seconds": seconds,
+                                                      "full_pairs_per_s": n_pairs / max(seconds, 1e-9)}
+
+
+# ----------------------------------------------------------------------------- two-stage
+
+def itc_similarity(model, data: EvalData, cfg: EvalConfig) -> torch.Tensor:
+    """ITC dual-encoder cosine similarities [n_texts, n_images] (text-only and image-only passes)."""
+    device = _device_of(model)
+    text_order = torch.argsort(data.text_lengths(), stable=True)
+    text_emb = sharded_map(text_order, cfg.encode_batch,
+                           lambda idx: model.embed_text(data.text_inputs(idx, device)).float(),
+                           desc="ITC texts", progress=cfg.progress)
+    text_emb = text_emb[torch.argsort(text_order)]
+    image_order = torch.argsort(data.region_counts(), stable=True)
+    image_emb = sharded_map(image_order, cfg.encode_batch,
+                            lambda idx: model.embed_image(images_for(model, data, idx)).float(),
+                            desc="ITC images", progress=cfg.progress)
+    image_emb = image_emb[torch.argsort(image_order)]
+    return (text_emb @ image_emb.T).cpu()
+
+
+def two_stage_retrieval(model, data: EvalData, cfg: EvalConfig
+                        ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """ITC shortlist then cross-encoder re-ranking (ALBEF style).
+
+    Returns (t2i, i2t, stats): ``t2i`` [n_texts, n_images] holds cross-encoder scores of each text's
+    top-k images and -inf elsewhere (used for image retrieval, img_rK); ``i2t`` the same for each
+    image's top-k texts (text retrieval, txt_rK). Pairs shortlisted in both directions are scored once.
+    With k >= n_images and k_texts >= n_texts every pair is scored and both equal full retrieval;
+    with k >= n_images alone ``t2i`` equals the full matrix. The backbone runs once per image in
+    each stage (ITC image pass, then the re-ranked images' tokens).
+    """
+    t0 = _sync_time()
+    sim = itc_similarity(model, data, cfg)
+    t1 = _sync_time()
+    k_img = min(cfg.two_stage_k, data.n_images)
+    k_txt = min(cfg.two_stage_k_texts or cfg.two_stage_k, data.n_texts)
+    in_t2i = torch.zeros_like(sim, dtype=torch.bool)
+    in_t2i.scatter_(1, sim.topk(k_img, dim=1).indices, True)
+    in_i2t = torch.zeros_like(sim, dtype=torch.bool)
+    in_i2t.scatter_(0, sim.topk(k_txt, dim=0).indices, True)
+    pairs = (in_t2i | in_i2t).nonzero()
+    scores = score_pairs(model, data, pairs, cfg, desc="two-stage re-rank")
+    dense = torch.full(sim.shape, float("-inf"))
+    dense[pairs[:, 0], pairs[:, 1]] = scores
+    neg_inf = torch.full_like(dense, float("-inf"))
+    t2i = torch.where(in_t2i, dense, neg_inf)
+    i2t = torch.where(in_i2t, dense, neg_inf)
+    t2 = _sync_time()
+    return t2i, i2t, {"two_stage_itc_seconds": t1 - t0, "two_stage_rerank_seconds": t2 - t1,
+                      "two_stage_seconds": t2 - t0, "two_stage_pairs": float(pairs.shape[0])}
+
+
+def two_stage_recalls(t2i: torch.Tensor, i2t: torch.Tensor, text_to_image: torch.Tensor) -> dict[str, float]:
+    """Recalls with img_rK from the text-query matrix and txt_rK from the image-query matrix."""
+    a = retrieval_recalls(t2i, text_to_image)
+    b = retrieval_recalls(i2t, text_to_image)
+    out = {k: v for k, v in b.items() if k.startswith("txt_")}
+    out.update({k: v for k, v in a.items() if k.startswith("img_")})
+    values = list(out.values())
+    out["rsum"] = float(sum(values))
+    out["r_mean"] = out["rsum"] / len(values)
+    return out
+
+
+# ----------------------------------------------------------------------------- ISD / ISDa
+
+def _isd_captions(data: EvalData, cfg: EvalConfig) -> torch.Tensor:
+    n = data.n_texts
+    m = n if cfg.isd_max_pairs is None else min(n, cfg.isd_max_pairs)
+    if m == 0:
+        return torch.zeros(0, dtype=torch.long)
+    picked = torch.linspace(0, n - 1, m).round().long().unique()
+    return picked[torch.argsort(data.text_lengths()[picked], stable=True)]
+
+
+def region_targets(data: EvalData, captions: torch.Tensor, tokens: ImageTokens, text_len: int,
+                   mode: str) -> torch.Tensor:
+    """[B, T + M] sequence position of each word token's annotated region, -1 if none.
+
+    roi/features: object k is region token k, i.e. position T + k. patch: the patch whose cell
+    contains the object's box centre (cells from ImageTokens.pos, normalised x1, y1, x2, y2).
+    """
+    b, m = tokens.mask.shape
+    objs = data.token_object_rows(captions, text_len)  # [B, T]
+    if mode == "patch":
+        if data.object_centres is None:
+            return torch.full((b, text_len + m), -1, dtype=torch.long)
+        pos = tokens.pos.detach().float().cpu()
+        slots = torch.full_like(objs, -1)
+        for row, cap in enumerate(captions.tolist()):
+            centres = data.object_centres[int(data.text_to_image[cap])]
+            for t in (objs[row] >= 0).nonzero().flatten().tolist():
+                k = int(objs[row, t])
+                if k >= centres.shape[0]:
+                    continue
+                x, y = centres[k].tolist()
+                inside = ((pos[row, :, 0] <= x) & (x < pos[row, :, 2]) & (pos[row, :, 1] <= y)
+                          & (y < pos[row, :, 3]) & tokens.mask[row].cpu())
+                if inside.any():
+                    slots[row, t] = int(inside.nonzero()[0])
+    else:
+        valid = tokens.mask.cpu().gather(1, objs.clamp(0, m - 1)) & (objs >= 0) & (objs < m)
+        slots = torch.where(valid, objs, torch.full_like(objs, -1))
+    targets = torch.where(slots >= 0, slots + text_len, slots)
+    return torch.cat([targets, torch.full((b, m), -1, dtype=torch.long)], dim=1)
+
+
+def isd_metrics(model, data: EvalData, cfg: EvalConfig) -> dict[str, float]:
+    """Mean ISD per alignment and side on matched pairs (``isd_<alignment>_<side>``), and ``isda``
+    (annotated language-side singular ISD, over pairs with >= 1 annotated word) when annotated."""
+    device = _device_of(model)
+    captions = _isd_captions(data, cfg)
+    combos = [(a, s) for a in cfg.isd_alignments for s in cfg.isd_sides]
+    if captions.numel() == 0 or not combos:
+        return {}
+    layer = model.config.logit_layer_indices([cfg.isd_layer])[0]
+    annotated = data.has_annotations
+    mode = model.config.image.mode
+
+    def fn(idx: torch.Tensor) -> torch.Tensor:
+        caps = captions[idx]
+        batch = data.text_inputs(caps, device)
+        tokens = model.encode_image(images_for(model, data, data.text_to_image[caps]))
+        out = model.forward(batch, image_tokens=tokens, attn_logit_layers=[layer])
+        logits = out.attn_logits[layer]
+        cols = [iais.isd(logits, out.word_mask, out.region_mask, a, s).float() for a, s in combos]
+        if annotated:
+            targets = region_targets(data, caps, tokens, out.text_len, mode).to(device)
+            cols.append(iais.isd_annotated(logits, out.word_mask, out.region_mask, targets).float())
+            cols.append(iais.annotated_words(out.word_mask, out.region_mask, targets).any(1).float())
+        return torch.stack(cols, dim=1)
+
+    values = sharded_map(torch.arange(captions.numel()), cfg.encode_batch, fn, desc="ISD",
+                         progress=cfg.progress).cpu().double()
+    out = {f"isd_{a}_{s}": float(values[:, i].mean()) for i, (a, s) in enumerate(combos)}
+    if annotated:
+        has = values[:, -1] > 0
+        out["isda"] = float(values[has, -2].mean()) if has.any() else float("nan")
+        out["isda_pairs"] = float(has.sum())
+    return out
+
+
+# ----------------------------------------------------------------------------- Winoground
+
+def resolve_quadruples(data: EvalData, entries: list[dict], tokenizer=None, max_len: int = 40
+                       ) -> tuple[EvalData, list[tuple[int, int, int, int]]]:
+    """Map {"image0","caption0","image1","caption1"} entries (image keys, caption strings) to indices.
+
+    A caption found among its image's captions reuses that caption; other caption strings are
+    tokenized and appended to a copy of ``data`` (the original is left untouched).
+    """
+    index = {key: i for i, key in enumerate(data.image_keys)}
+    by_image: dict[tuple[int, str], int] = {}
+    for c, (img, text) in enumerate(zip(data.text_to_image.tolist(), data.captions)):
+        by_image.setdefault((img, text), c)
+    quads, extra_text, extra_image = [], [], []
+    for n, entry in enumerate(entries):
+        fields = ("image0", "caption0", "image1", "caption1")
+        if not isinstance(entry, dict) or any(k not in entry for k in fields):
+            raise UserError(f"quadruple #{n}: expected an object with image0, caption0, image1, caption1")
+        row = []
+        for side in ("0", "1"):
+            key = str(entry["image" + side])
+            if key not in index:
+                raise UserError(f"quadruple #{n}: image{side}={key!r} is not an image key of the split")
+            row.append(index[key])
+        caps = []
+        for side, img in (("0", row[0]), ("1", row[1])):
+            text = str(entry["caption" + side])
+            c = by_image.get((img, text))
+            if c is None:
+                extra_text.append(text)
+                extra_image.append(img)
+                c = data.n_texts + len(extra_text) - 1
+            caps.append(c)
+        quads.append((row[0], caps[0], row[1], caps[1]))
+    if extra_text:
+        data = data.with_captions(extra_text, extra_image, tokenizer, max_len)
+    return data, quads
+
+
+def winoground_metrics(model, data: EvalData, quads: list[tuple[int, int, int, int]],
+                       cfg: EvalConfig) -> dict[str, float]:
+    """wino_text / wino_image / wino_group (percent) from s[q, i, j] = score(caption_i, image_j)."""
+    if not quads:
+        return {}
+    q = torch.tensor(quads, dtype=torch.long)  # image0, caption0, image1, caption1
+    caps, imgs = q[:, [1, 3]], q[:, [0, 2]]
+    pairs = torch.stack([caps[:, :, None].expand(-1, 2, 2), imgs[:, None, :].expand(-1, 2, 2)], dim=-1)
+    scores = score_pairs(model, data, pairs.reshape(-1, 2), cfg, desc="Winoground").view(-1, 2, 2)
+    w = winoground_scores(scores)
+    return {"wino_text": w["text"], "wino_image": w["image"], "wino_group": w["group"],
+            "wino_quadruples": float(len(quads))}
+
+
+# ----------------------------------------------------------------------------- all together
+
+def evaluate(model, data, cfg: EvalConfig | None = None,
+             quadruples: list[tuple[int, int, int, int]] | None = None, picture_dir=None) -> EvalResult:
+    """Every enabled evaluation on ``data``; collective: all ranks call it, all get the same metrics.
+
+    ``data``: an ``EvalData`` or the loader's ``EvalSplit`` (converted with ``eval_data.from_split``;
+    patch-mode ISDa needs object centres, so it is skipped for a bare EvalSplit).
+
+    Recall keys (txt_rK, img_rK, rsum, r_mean) come from full retrieval, or from two-stage when
+    full is off; two-stage values are also reported as ``two_stage_<key>``. ``quadruples`` defaults
+    to ``data.quadruples``. PNG pictures go to ``picture_dir`` (rank 0 writes) when given; give it
+    on every rank (the pictures' attention forward is collective too).
+    """
+    cfg = cfg or EvalConfig()
+    if not isinstance(data, EvalData):
+        data = from_split(data)
+    was_training = model.training
+    model.eval()
+    result = EvalResult()
+    try:
+        with torch.no_grad():
+            _evaluate_into(result, model, data, cfg, quadruples, picture_dir)
+    finally:
+        model.train(was_training)
+    return result
+
+
+def _evaluate_into(result: EvalResult, model, data: EvalData, cfg: EvalConfig, quadruples,
+                   picture_dir) -> None:
+    m, timings = result.metrics, result.timings
+    t0 = _sync_time()
+    if cfg.full:
+        result.scores, stats = full_retrieval(model, data, cfg)
+        m.update(retrieval_recalls(result.scores, data.text_to_image))
+        timings.update(stats)
+    if cfg.two_stage:
+        t2i, i2t, stats = two_stage_retrieval(model, data, cfg)
+        result.two_stage_scores = (t2i, i2t)
+        recalls = two_stage_recalls(t2i, i2t, data.text_to_image)
+        m.update({f"two_stage_{k}": v for k, v in recalls.items()})
+        if not cfg.full:
+            m.update(recalls)
+        timings.update(stats)
+    t1 = _sync_time()
+    m.update(isd_metrics(model, data, cfg))
+    t2 = _sync_time()
+    timings["isd_seconds"] = t2 - t1
+    if cfg.winoground:
+        quads = data.quadruples if quadruples is None else quadruples
+        m.update(winoground_metrics(model, data, quads, cfg))
+    timings["winoground_seconds"] = _sync_time() - t2
+    if picture_dir is not None and cfg.pictures > 0:
+        from pipeline import pictures  # matplotlib only when pictures are wanted
+        ranking = result.scores if result.scores is not None else (
+            result.two_stage_scores[0] if result.two_stage_scores is not None else None)
+        pictures.write_pictures(model, data, cfg, picture_dir, ranking)
+    timings["total_seconds"] = _sync_time() - t0
+    m.update(timings)

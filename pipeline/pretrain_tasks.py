@@ -1,0 +1,108 @@
+"""Pretraining task losses: MLM (15 %, 80/10/10), ITM (random non-matching image for half the pairs) and ITC
+(in-batch contrastive over text-only and image-only passes, gathered across ranks with gradients)."""
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import distributed as dist_utils
+
+TASKS = ("mlm", "itm", "itc", "mrfr")
+
+
+def choose_task(ratios: dict[str, float], seed: int, step: int) -> str:
+    """The task of ``step``: a weighted draw seeded by (seed, step), hence the same on every rank."""
+    names = [t for t in TASKS if ratios.get(t, 0) > 0]
+    rng = random.Random(seed * 1_000_003 + step)
+    return rng.choices(names, weights=[ratios[t] for t in names])[0]
+
+
+def mask_tokens(input_ids: torch.Tensor, word_mask: torch.Tensor, prob: float, mask_id: int, vocab_size: int,
+                first_normal_id: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking of word tokens: returns (masked ids, bool positions chosen). At least one per row."""
+    rand = torch.rand(input_ids.shape, generator=generator)
+    chosen = (rand < prob) & word_mask
+    # rows without a chosen token get their first word masked so every row contributes
+    none = ~chosen.any(dim=1) & word_mask.any(dim=1)
+    first = word_mask.float().argmax(dim=1)
+    chosen[none, first[none]] = True
+    action = torch.rand(input_ids.shape, generator=generator)
+    random_ids = torch.randint(first_normal_id, vocab_size, input_ids.shape, generator=generator)
+    out = input_ids.clone()
+    out[chosen & (action < 0.8)] = mask_id
+    swap = chosen & (action >= 0.8) & (action < 0.9)
+    out[swap] = random_ids[swap]
+    return out, chosen
+
+
+def mlm_loss(module, batch: dict, tokenizer, prob: float, generator: torch.Generator) -> torch.Tensor:
+    from models.retrieval import word_mask_of
+    ids = batch["input_ids"].cpu()
+    word_mask = word_mask_of(batch["text_mask"].cpu().bool())
+    masked, chosen = mask_tokens(ids, word_mask, prob, tokenizer.mask_id, module.config.vocab_size,
+                                 max(tokenizer.mask_id, tokenizer.sep_id, tokenizer.cls_id) + 1, generator)
+    device = batch["input_ids"].device
+    out = module({**batch, "input_ids": masked.to(device)}, attn_logit_layers=[])
+    logits = module.mlm_logits(out.sequence, chosen.to(device))
+    return F.cross_entropy(logits.float(), ids[chosen].to(device))
+
+
+def itm_permutation(image_ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image row for each text, label 1=match): half the pairs get another image with a different id."""
+    b = image_ids.shape[0]
+    rows = torch.arange(b)
+    negative = torch.rand(b, generator=generator) < 0.5
+    for i in torch.nonzero(negative).flatten().tolist():
+        options = torch.nonzero(image_ids != image_ids[i]).flatten()
+        if options.numel() == 0:
+            negative[i] = False
+            continue
+        rows[i] = options[torch.randint(options.numel(), (1,), generator=generator)].item()
+    return rows, (~negative).long()
+
+
+def itm_loss(module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, float]:
+    rows, labels = itm_permutation(batch["image_id"].cpu(), generator)
+    device = batch["input_ids"].device
+    tokens = module.encode_image(batch)
+    from pipeline.negatives import index_tokens
+    logits = module.itm_logits(batch, image_tokens=index_tokens(tokens, rows.to(device))).float()
+    labels = labels.to(device)
+    acc = (logits.argmax(dim=1) == labels).float().mean().item()
+    return F.cross_entropy(logits, labels), acc
+
+
+def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    if not dist_utils.is_initialized() or dist_utils.world_size() == 1:
+        return x
+    import torch.distributed.nn.functional as dist_nn
+    return torch.cat(dist_nn.all_gather(x), dim=0)
+
+
+def _gather_plain(x: torch.Tensor) -> torch.Tensor:
+    if not dist_utils.is_initialized() or dist_utils.world_size() == 1:
+        return x
+    import torch.distributed as dist
+    parts = [torch.empty_like(x) for _ in range(dist_utils.world_size())]
+    dist.all_gather(parts, x)
+    return torch.cat(parts, dim=0)
+
+
+def itc_loss(module, batch: dict) -> tuple[torch.Tensor, float]:
+    """Symmetric InfoNCE of local queries against the embeddings of all ranks; other captions of the same
+    image are not counted as negatives."""
+    t = module.embed_text(batch)
+    v = module.embed_image(batch)
+    t_all, v_all = _gather_with_grad(t), _gather_with_grad(v)
+    ids_all = _gather_plain(batch["image_id"])
+    b, offset = t.shape[0], dist_utils.rank() * t.shape[0]
+    target = torch.arange(b, device=t.device) + offset
+    same = batch["image_id"].unsqueeze(1) == ids_all.unsqueeze(0)
+    same[torch.arange(b), target] = False
+    t2i = module.itc_logits(t, v_all).float().masked_fill(same, float("-inf"))
+    i2t = module.itc_logits(v, t_all).float().masked_fill(same, float("-inf"))
+    loss = (F.cross_entropy(t2i, target) + F.cross_entropy(i2t, target)) / 2
+    acc = (t2i.argmax(dim=1) == target).float().mean().item()
+    return loss, acc

@@ -1,0 +1,101 @@
+"""Data and tokenizer on first use, the model (fresh or from a checkpoint), and loader configs."""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from pipeline.config import DEFAULT_CACHE, ExperimentConfig, data_root, resolve_path, split_path
+from pipeline.errors import UserError
+
+
+def ensure_data(cfg: ExperimentConfig, progress: bool) -> None:
+    """Build the synthetic dataset when the config asks for it (locked: ranks may race)."""
+    if cfg.data.synthetic is None:
+        return
+    from pipeline.synthetic import ensure_synthetic_dataset
+    ensure_synthetic_dataset(data_root(cfg), cfg.data.synthetic, progress=progress)
+
+
+def tokenizer_path(cfg: ExperimentConfig, stage_sources: list[str]) -> Path:
+    """data.tokenizer, the tokenizer saved next to model.init, or one trained on the train captions."""
+    if cfg.data.tokenizer:
+        return resolve_path(cfg.data.tokenizer)
+    if cfg.model.init:
+        init = resolve_path(cfg.model.init)
+        for name in ("tokenizer.model", "tokenizer.txt"):
+            if (init / name).is_file():
+                return init / name
+    key = hashlib.sha1(("|".join(str(resolve_path(s)) for s in stage_sources) + f"|{cfg.data.vocab_size}")
+                       .encode()).hexdigest()[:10]
+    root = data_root(cfg) or DEFAULT_CACHE / "tokenizers"
+    return root / f"tokenizer-bpe{cfg.data.vocab_size}-{key}.model"
+
+
+def ensure_tokenizer(cfg: ExperimentConfig, stage_sources: list[str]):
+    from pipeline.tokenizer import SentencePieceTokenizer, iter_captions, load_tokenizer
+    path = tokenizer_path(cfg, stage_sources)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(str(path) + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.is_file():
+                SentencePieceTokenizer.train(iter_captions(stage_sources), path, cfg.data.vocab_size)
+    return path, load_tokenizer(path)
+
+
+def build_model(cfg: ExperimentConfig, vocab_size: int):
+    """A fresh model from preset + overrides, or the weights of ``model.init``."""
+    from models import RetrievalModel, create_model
+    from pipeline.trainer import model_overrides
+    init = resolve_path(cfg.model.init) if cfg.model.init else None
+    if init is not None and (init / "config.json").is_file() and (init / "model.safetensors").is_file():
+        model = RetrievalModel.from_pretrained(init)
+    else:
+        preset = cfg.model.preset
+        path = Path(preset)
+        if path.suffix == ".json":
+            from models import ModelConfig
+            import json
+            preset = ModelConfig.from_dict(json.loads(path.read_text()))
+        model = create_model(preset, **{**model_overrides(cfg), "vocab_size": vocab_size})
+        if init is not None:
+            model.load_state_dict(_state_dict_from(init), strict=False)
+    if model.config.vocab_size != vocab_size:
+        raise UserError(f"model.init {cfg.model.init} has vocab_size {model.config.vocab_size} but the tokenizer "
+                        f"has {vocab_size}: use the tokenizer saved with the model (data.tokenizer)")
+    return model
+
+
+def _state_dict_from(path: Path) -> dict:
+    if path.is_dir() and (path / "latest").is_file():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return get_fp32_state_dict_from_zero_checkpoint(str(path))
+    if path.is_file() and path.suffix in (".pt", ".bin"):
+        from models import load_uniter_checkpoint   # UNITER/IAIS-format checkpoints
+        return load_uniter_checkpoint(str(path)).state_dict()
+    raise UserError(f"model.init {path}: not a save_pretrained dir, DeepSpeed checkpoint dir or UNITER .pt")
+
+
+def loader_config(cfg: ExperimentConfig, shards: str, model, batch_size: int, seed_offset: int = 0):
+    from pipeline.loader import LoaderConfig
+    d = cfg.data
+    kw = dict(shards=shards, batch_size=batch_size, image_size=d.image_size, max_text_len=d.max_text_len,
+              num_workers=d.num_workers, seed=cfg.seed + seed_offset, shuffle_buffer=d.shuffle_buffer,
+              resampled=d.resampled, image_mode=d.image_mode, max_regions=d.max_regions,
+              feat_dim=model.config.image.feat_dim)
+    backbone = model.config.image.backbone
+    if d.image_mode != "features" and backbone:
+        return LoaderConfig.for_model(backbone, **kw)
+    return LoaderConfig(**kw)
+
+
+def eval_shards(cfg: ExperimentConfig, split: str) -> Optional[str]:
+    return split_path(cfg, split)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -1,0 +1,356 @@
+"""Pieces both training stages share: start-up, DeepSpeed engine, checkpoints with exact resume, export,
+and the per-step metric window (averaged over ranks, logged by rank 0)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from pipeline import distributed as dist_utils
+from pipeline.config import (ExperimentConfig, read_ds_config, resolve_ds_config, resolve_path, to_dict,
+                             validate_paths, load_config)
+from pipeline.errors import UserError
+
+CLIENT_FILE = "relalign_rank{rank}.pt"
+
+
+@dataclass
+class Run:
+    """Everything a stage needs after start-up."""
+    cfg: ExperimentConfig
+    ds_config: dict
+    stage: str
+    run_dir: Path
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def accelerator_name() -> str:
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator().device_name()
+
+
+def prepare(stage: str, config_path: Optional[str], overrides: list[str], ds_path: str) -> tuple[ExperimentConfig, dict]:
+    """Everything that can fail on user input, before any process-group work."""
+    cfg = load_config(config_path, overrides)
+    validate_model_config(cfg)
+    validate_paths(cfg, stage)
+    ds = resolve_ds_config(read_ds_config(ds_path), cfg, dist_utils.world_size(), accelerator_name(),
+                           src=f"ds_config {ds_path}")
+    return cfg, ds
+
+
+def model_overrides(cfg: ExperimentConfig) -> dict:
+    """ModelConfig overrides implied by the data section (text length, image size/mode) + model.overrides."""
+    from models.registry import merge
+    implied = {"max_text_len": cfg.data.max_text_len, "image": {"image_size": cfg.data.image_size}}
+    if cfg.data.image_mode != "patch":
+        implied["image"]["mode"] = cfg.data.image_mode
+    return merge(implied, cfg.model.overrides)
+
+
+def validate_model_config(cfg: ExperimentConfig) -> None:
+    from models import ConfigError, ModelConfig
+    from models.registry import merge, preset_config
+    try:
+        base = _base_model_config(cfg.model.preset, preset_config)
+        ModelConfig.from_dict(merge(base, model_overrides(cfg)))
+    except ConfigError as exc:
+        raise UserError(f"model config (preset {cfg.model.preset!r} + model.overrides): {exc}") from None
+    except TypeError as exc:
+        raise UserError(f"model.overrides: {exc}") from None
+
+
+def _base_model_config(preset: str, preset_config) -> dict:
+    path = Path(preset)
+    if path.suffix == ".json" or path.is_dir():
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise UserError(f"config 'model.preset' = {preset}: no such model config file")
+        return json.loads(file.read_text())
+    return preset_config(preset)
+
+
+def start(cfg: ExperimentConfig, ds: dict, stage: str) -> Run:
+    """Threads, process group, device, seeds. Call after :func:`prepare` succeeded."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")) or 1)
+    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, local_size))
+    torch.set_num_threads(threads)
+    acc = get_accelerator()
+    _skip_shm_comm_op(acc)
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), verbose=False)
+    local = dist_utils.local_rank()
+    if acc.device_name() == "cpu":
+        device = torch.device("cpu")
+    else:
+        acc.set_device(local)
+        device = torch.device(acc.device_name(local))
+    run = Run(cfg=cfg, ds_config=ds, stage=stage, run_dir=resolve_path(cfg.run_dir), device=device,
+              rank=dist_utils.rank(), world_size=dist_utils.world_size())
+    if run.is_main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "experiment.yaml").write_text(_yaml(to_dict(cfg)))
+        (run.run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+    seed_everything(cfg.seed + run.rank)
+    return run
+
+
+_T0 = time.perf_counter()
+
+
+def note(run: Run, message: str) -> None:
+    """One progress line on rank 0, with the seconds since the process started."""
+    if run.is_main:
+        print(f"[{run.stage} {time.perf_counter() - _T0:6.1f}s] {message}", flush=True)
+
+
+def _skip_shm_comm_op(acc) -> None:
+    """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce op in init_distributed (40-130 s, and
+    recompiled whenever the build environment differs, e.g. with/without CUDA_VISIBLE_DEVICES). gloo does
+    every collective without it, fast enough for CPU runs; RELALIGN_SHM_COMM=1 keeps DeepSpeed's default."""
+    if acc.device_name() != "cpu" or os.environ.get("RELALIGN_SHM_COMM") == "1":
+        return
+    import deepspeed.ops
+    builder = acc.create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
+def _yaml(d: dict) -> str:
+    import yaml
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def step_generator(cfg: ExperimentConfig, step: int, rank: int, salt: int = 0) -> torch.Generator:
+    """RNG for a step's random choices: a pure function of (seed, step, rank), so resume needs no state."""
+    g = torch.Generator()
+    g.manual_seed(((cfg.seed * 1_000_003 + step) * 65_537 + rank) * 31 + salt)
+    return g
+
+
+# ----------------------------------------------------------------------------- engine
+
+def create_engine(model: torch.nn.Module, run: Run):
+    import deepspeed
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=run.ds_config)
+    return engine
+
+
+def zero_stage(run: Run) -> int:
+    return int(run.ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def init_rank_head(engine, run: Run) -> None:
+    """rank head <- ITM "match" row, ZeRO-3 safe (parameters gathered, modified on rank 0, re-partitioned)."""
+    module = engine.module
+    if zero_stage(run) == 3:
+        import deepspeed
+        params = list(module.itm_head.parameters()) + list(module.rank_head.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            if run.is_main:
+                module.init_rank_from_itm()
+    else:
+        module.init_rank_from_itm()
+
+
+def current_lr(engine) -> float:
+    return float(engine.get_lr()[0]) if engine.get_lr() else 0.0
+
+
+def grad_norm(engine) -> float:
+    value = engine.get_global_grad_norm()
+    if value is None:
+        return float("nan")
+    return float(value.item() if torch.is_tensor(value) else value)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(engine, run: Run, step: int, loader_state: dict, run_id: Optional[str],
+                    extra: Optional[dict] = None, tag: Optional[str] = None) -> str:
+    """DeepSpeed checkpoint ``step<N>`` + this rank's client file (loader position, RNG states).
+
+    The per-rank file is written before DeepSpeed updates ``latest``, so ``latest`` never names a
+    checkpoint without it.
+    """
+    save_latest = tag is None
+    tag = tag or f"step{step:07d}"
+    tag_dir = run.ckpt_dir / tag
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    client = {"step": step, "loader": loader_state, "rng": rng_state(), "mlflow_run_id": run_id,
+              "extra": extra or {}}
+    torch.save(client, tag_dir / CLIENT_FILE.format(rank=run.rank))
+    engine.save_checkpoint(str(run.ckpt_dir), tag=tag, client_state={"step": step, "mlflow_run_id": run_id},
+                           save_latest=save_latest)
+    return tag
+
+
+def resume_dir(run: Run) -> Optional[Path]:
+    """Checkpoint directory to resume from, or None (config checkpoint.resume / --resume)."""
+    resume = run.cfg.checkpoint.resume
+    if resume is False:
+        return None
+    path = run.ckpt_dir if resume in (True, "auto") else resolve_path(str(resume))
+    if not (path / "latest").is_file():
+        if resume == "auto":
+            return None
+        raise UserError(f"checkpoint.resume: {path} has no 'latest' checkpoint to resume from")
+    return path
+
+
+def load_checkpoint(engine, run: Run, path: Path) -> dict:
+    """Restore engine (model, optimizer, scheduler) and this rank's client state; returns the latter."""
+    load_path, _ = engine.load_checkpoint(str(path), load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise UserError(f"checkpoint.resume: could not load a DeepSpeed checkpoint from {path}")
+    tag = (path / "latest").read_text().strip()
+    file = path / tag / CLIENT_FILE.format(rank=run.rank)
+    if not file.is_file():
+        raise UserError(f"checkpoint {path / tag} has no {file.name}: it was written by another world size "
+                        f"or is incomplete; resume with the same number of ranks")
+    client = torch.load(file, weights_only=False)
+    set_rng_state(client["rng"])
+    return client
+
+
+# ----------------------------------------------------------------------------- export
+
+def consolidated_state_dict(engine, run: Run, tag: str) -> Optional[dict]:
+    """fp32 full state dict on rank 0 (None elsewhere), from the DeepSpeed checkpoint ``tag``.
+
+    ZeRO 1-3: DeepSpeed's zero_to_fp32 reads the fp32 master partitions of the saved checkpoint, which is
+    exact in fp32 and bf16 runs alike (the live ZeRO-3 "16bit" gather would return bf16 weights under bf16).
+    """
+    dist_utils.barrier()
+    if not run.is_main:
+        return None
+    if zero_stage(run) == 0:
+        saved = torch.load(run.ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.detach().float() for k, v in saved["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    return get_fp32_state_dict_from_zero_checkpoint(str(run.ckpt_dir), tag=tag)
+
+
+def export_pretrained(engine, run: Run, tag: str, out_dir: Path, tokenizer_path: Optional[Path]) -> Optional[Path]:
+    """Consolidated fp32 ``save_pretrained`` directory (+ tokenizer model) loadable without DeepSpeed."""
+    from models import RetrievalModel
+    state = consolidated_state_dict(engine, run, tag)
+    if run.is_main:
+        model = RetrievalModel(engine.module.config, load_backbone_weights=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {"mlm_head.decoder.weight"}
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(f"export: state dict mismatch missing={missing} unexpected={unexpected}")
+        model.save_pretrained(out_dir)
+        if tokenizer_path is not None:
+            (out_dir / f"tokenizer{tokenizer_path.suffix}").write_bytes(tokenizer_path.read_bytes())
+    dist_utils.barrier()
+    return out_dir if run.is_main else None
+
+
+# ----------------------------------------------------------------------------- metrics
+
+class MetricWindow:
+    """Sums scalars over a logging window; ``flush`` averages them over steps and ranks (counts summed)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.steps = 0
+        self.samples = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, values: dict[str, float], samples: int) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.steps += 1
+        self.samples += samples
+
+    def flush(self, skipped: dict[str, int]) -> dict[str, float]:
+        """Collective: every rank calls it at the same steps with the same keys."""
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        means = {k: v / self.counts[k] for k, v in self.sums.items()}   # keys logged at some steps only
+        means = dist_utils.reduce_scalars(means, "mean")
+        # skip reasons differ between ranks (a rank may have skipped nothing): union of keys, 0 if absent
+        counts = dist_utils.reduce_scalars({"samples_per_s": self.samples / elapsed,
+                                            **{f"skipped_{k}": float(v) for k, v in skipped.items()}}, "sum",
+                                           union_keys=True)
+        self.__init__()
+        return {**means, **counts}
+
+
+def append_jsonl(run: Run, row: dict) -> None:
+    """<run_dir>/metrics.jsonl on rank 0: the logged scalars, readable without MLflow."""
+    if run.is_main:
+        with open(run.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def finite_or_raise(values: dict[str, float], step: int) -> None:
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        raise RuntimeError(f"step {step}: non-finite {bad}; lower the learning rate or check the data")
+
+
+def tracker_params(run: Run) -> dict[str, Any]:
+    from pipeline.config import flatten
+    from pipeline.tracking import package_versions
+    params = {f"config.{k}": v for k, v in flatten(to_dict(run.cfg)).items()}
+    params.update({f"ds.{k}": v for k, v in flatten(run.ds_config).items()})
+    params.update({f"version.{k}": v for k, v in package_versions().items()})
+    return params
+
+
+def run_info(run: Run) -> dict[str, Any]:
+    """Collective: world size, node count, host names."""
+    hosts = dist_utils.hostnames()
+    return {"world_size": run.world_size, "node_count": dist_utils.node_count(),
+            "hostnames": ",".join(sorted(set(hosts)))}
+
+
+def progress(run: Run, total: int, initial: int):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, disable=not run.is_main, dynamic_ncols=True, desc=run.stage,
+                unit="step", mininterval=2.0)

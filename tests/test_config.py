@@ -1,0 +1,152 @@
+"""Experiment config: YAML + --set overrides, one-line user errors (exit 2) before any process-group work,
+and the single-source rule between the experiment config and the DeepSpeed JSON."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config, read_ds_config, resolve_ds_config, validate_paths
+from pipeline.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+ZERO2 = REPO / "ds_configs" / "zero2.json"
+
+
+def run_finetune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK")}
+    return subprocess.run([sys.executable, str(REPO / "launch" / "finetune.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr
+    # rejected before DeepSpeed set up a process group
+    assert "Initializing TorchBackend" not in proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def ds_file(tmp_path):
+    def make(**changes) -> Path:
+        ds = json.loads(ZERO2.read_text())
+        ds.update(changes)
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(ds))
+        return path
+    return make
+
+
+# ----------------------------------------------------------------------------- CLI, exit code 2
+
+def test_unknown_key_exits_2(tmp_path):
+    proc = run_finetune("--set", "train.stepz=5", cwd=tmp_path)
+    assert_user_error(proc, "train.stepz", "unknown")
+
+
+def test_wrong_type_exits_2(tmp_path):
+    proc = run_finetune("--set", "finetune.hard_size=many", cwd=tmp_path)
+    assert_user_error(proc, "finetune.hard_size", "many")
+
+
+def test_missing_shards_exit_2(tmp_path):
+    missing = tmp_path / "nowhere" / "train"
+    proc = run_finetune("--set", "data.synthetic=null", "--set", f"data.train={missing}",
+                        "--set", f"data.val={missing}", cwd=tmp_path)
+    assert_user_error(proc, "data.train", str(missing))
+
+
+def test_contradicting_ds_config_exits_2(tmp_path, ds_file):
+    ds = ds_file(train_micro_batch_size_per_gpu=8)
+    proc = run_finetune("--deepspeed_config", str(ds), "--set", "train.micro_batch_size=16", cwd=tmp_path)
+    assert_user_error(proc, "train_micro_batch_size_per_gpu=8", "train.micro_batch_size", "16")
+
+
+def test_unknown_key_in_yaml_file_exits_2(tmp_path):
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text("train:\n  steps: 3\n  learning_rate: 0.1\n")
+    proc = run_finetune("--config", str(cfg), cwd=tmp_path)
+    assert_user_error(proc, "train.learning_rate")
+
+
+def test_help_documents_options_and_keys(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "finetune.py"), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    for needle in ("--config", "--set", "--deepspeed_config", "--resume", "--num_gpus", "finetune.iais.alignment",
+                   "finetune.negative_size", "train.micro_batch_size", "checkpoint.resume"):
+        assert needle in proc.stdout, needle
+
+
+# ----------------------------------------------------------------------------- in-process rules
+
+def _cfg(*sets: str):
+    return load_config(None, ["data.synthetic={}", *sets])
+
+
+def test_overrides_are_yaml_typed():
+    cfg = _cfg("train.steps=7", "finetune.iais.layers=[-1, -2]", "train.lr=5e-5", "tracking.enabled=false")
+    assert cfg.train.steps == 7 and cfg.finetune.iais.layers == [-1, -2]
+    assert cfg.train.lr == 5e-5 and cfg.tracking.enabled is False
+
+
+def test_auto_values_fill_each_other():
+    cfg = _cfg("train.micro_batch_size=16", "train.lr=0.001", "train.warmup_steps=10", "train.steps=100")
+    ds = resolve_ds_config(read_ds_config(ZERO2), cfg, world_size=2, accelerator="cpu")
+    assert ds["train_micro_batch_size_per_gpu"] == 16
+    assert ds["optimizer"]["params"]["lr"] == 0.001
+    assert ds["scheduler"]["params"]["total_num_steps"] == 100
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 10
+    assert ds["bf16"]["enabled"] is False          # "auto" on CPU -> fp32
+    assert cfg.train.grad_accum == 1               # from the JSON
+
+
+def test_both_auto_is_an_error():
+    cfg = _cfg("train.lr=0.001", "train.warmup_steps=1")
+    with pytest.raises(UserError, match="train_micro_batch_size_per_gpu.*auto.*train.micro_batch_size"):
+        resolve_ds_config(read_ds_config(ZERO2), cfg, world_size=1, accelerator="cpu")
+
+
+@pytest.mark.parametrize("changes, sets, needle", [
+    ({"gradient_accumulation_steps": 2}, ["train.grad_accum=4"], "gradient_accumulation_steps=2"),
+    ({"train_batch_size": 48}, [], "train_batch_size=48"),
+    ({"scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 50, "warmup_num_steps": "auto"}}},
+     ["train.steps=100"], "total_num_steps=50"),
+    ({"optimizer": {"type": "SGD", "params": {"lr": 0.1}}}, [], "AdamW"),
+])
+def test_ds_contradictions(changes, sets, needle):
+    cfg = _cfg("train.micro_batch_size=8", "train.lr=0.001", "train.warmup_steps=1", *sets)
+    ds = read_ds_config(ZERO2)
+    ds.update(changes)
+    with pytest.raises(UserError, match=needle):
+        resolve_ds_config(ds, cfg, world_size=2, accelerator="cpu")
+
+
+def test_missing_shard_in_brace_pattern(tmp_path):
+    (tmp_path / "00000.tar").write_bytes(b"")
+    cfg = load_config(None, [f"data.train={tmp_path}/{{00000..00001}}.tar", f"data.val={tmp_path}",
+                             "eval.test=false"])
+    with pytest.raises(UserError, match="00001.tar"):
+        validate_paths(cfg, "finetune")
+
+
+def test_shipped_configs_load():
+    for name in ("demo_tiny.yaml", "flickr30k_base.yaml", "coco_base.yaml", "pretrain_tiny.yaml"):
+        cfg = load_config(REPO / "launch" / "configs" / name)
+        assert cfg.train.steps > 0
+    for name in ("zero0", "zero1", "zero2", "zero3", "zero3_offload"):
+        ds = read_ds_config(REPO / "ds_configs" / f"{name}.json")
+        assert ds["optimizer"]["params"]["torch_adam"] is True
+        assert ds["bf16"]["enabled"] == "auto"
+    paper = load_config(REPO / "launch" / "configs" / "flickr30k_base.yaml")
+    assert (paper.finetune.negative_size, paper.finetune.hard_size, paper.train.lr, paper.train.steps,
+            paper.train.warmup_steps, paper.finetune.margin, paper.finetune.iais.schedule) == (
+        399, 31, 5e-5, 5000, 500, 0.2, "exp")

@@ -1,0 +1,185 @@
+"""Training stages end to end: 2-rank CPU runs (gloo) under the real `deepspeed` launcher with ZeRO 2 / 3,
+IAIS on, logging to a real MLflow server; exact resume; the consolidated ZeRO-3 export.
+
+One tiny synthetic dataset (32 px scenes) and one tokenizer are built once per session and shared."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+
+TINY_MODEL = ("model.overrides={hidden_size: 32, num_layers: 2, num_heads: 2, intermediate_size: 64, "
+              "itc_dim: 16, dropout: 0.0, init_std: 0.1}")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict:
+    """Synthetic shards (train 192 / val 12 / test 12 images, 32 px) + tokenizer, built once."""
+    from pipeline.synthetic import SyntheticConfig, ensure_synthetic_dataset
+    from pipeline.tokenizer import SentencePieceTokenizer, iter_captions
+    root = tmp_path_factory.mktemp("tiny_data")
+    cfg = SyntheticConfig(train=192, val=12, test=12, image_size=32, shard_samples=24, captions_per_image=2,
+                          attribute_captions=1, max_objects=2, large_frac=0.3, small_frac=0.2)
+    ensure_synthetic_dataset(root, cfg, progress=False)
+    tok = root / "tok.model"
+    SentencePieceTokenizer.train(iter_captions([str(root / "train")]), tok, 100)
+    return {"root": root, "tokenizer": tok}
+
+
+def common_sets(tiny_data: dict, run_dir: Path, uri: str | None, steps: int = 4) -> list[str]:
+    root = tiny_data["root"]
+    sets = [f"data.train={root / 'train'}", f"data.val={root / 'val'}", f"data.test={root / 'test'}",
+            f"data.tokenizer={tiny_data['tokenizer']}", "data.synthetic=null", "data.image_size=32",
+            "data.max_text_len=48", "data.num_workers=0", "data.shuffle_buffer=16", TINY_MODEL,
+            f"run_dir={run_dir}", f"train.steps={steps}", "train.micro_batch_size=4", "train.lr=1e-3",
+            "train.warmup_steps=1", "train.log_every=1", "train.threads=1",
+            "finetune.negative_size=3", "finetune.hard_size=1", "finetune.pool_size=16",
+            "finetune.iais.weight=1.0", "finetune.iais.schedule=const", "eval.score_batch=256",
+            "tracking.experiment_name=pytest-training"]
+    if uri is None:
+        sets.append("tracking.enabled=false")
+    else:
+        sets.append(f"tracking.tracking_uri={uri}")
+    return sets
+
+
+def launch(stage: str, zero: str, sets: list[str], nprocs: int = 2, timeout: int = 400) -> str:
+    cmd = [str(DEEPSPEED), "--num_gpus", str(nprocs), "--master_port", str(_free_port()),
+           f"launch/{stage}.py", "--deepspeed_config", f"ds_configs/{zero}.json"]
+    for s in sets:
+        cmd += ["--set", s]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+               OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=os.environ.get(
+                   "TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mlflow_run(uri: str, run_dir: Path):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("pytest-training")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"params.`config.run_dir` = '{run_dir}'")
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0]
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+# ----------------------------------------------------------------------------- multi-process runs
+
+@pytest.mark.slow
+def test_finetune_zero2_two_ranks_logs_to_mlflow(tiny_data, mlflow_server, tmp_path):
+    run_dir = tmp_path / "ft_zero2"
+    launch("finetune", "zero2", common_sets(tiny_data, run_dir, mlflow_server) + ["train.val_every=2"])
+    client, run = mlflow_run(mlflow_server, run_dir)
+    assert run.info.status == "FINISHED"
+    m = run.data.metrics
+    for key in ("loss", "rank_loss", "iais_loss", "iais_weight", "lr", "grad_norm", "samples_per_s",
+                "rank_loss_t2i", "rank_loss_i2t"):
+        assert key in m and math.isfinite(m[key]), key
+    assert m["iais_loss"] > 0
+    for prefix in ("val/", "test/"):
+        for key in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "rsum",
+                    "isd_singular_L", "isd_singular_V", "isd_distributed_L", "isd_congruence_V"):
+            assert prefix + key in m and math.isfinite(m[prefix + key]), prefix + key
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(h.step for h in history) == [1, 2, 3, 4]
+    p = run.data.params
+    assert p["world_size"] == "2" and p["node_count"] == "1" and p["hostnames"]
+    assert p["ds.zero_optimization.stage"] == "2" and p["config.finetune.iais.alignment"] == "singular"
+    assert "version.deepspeed" in p
+    assert (run_dir / "model" / "model.safetensors").is_file()
+    assert list((run_dir / "pictures" / "test").glob("attention_*.png"))
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"configs", "model", "pictures"} <= artifacts, artifacts
+
+
+@pytest.mark.slow
+def test_finetune_zero3_export_loads_without_deepspeed_and_scores_the_same(tiny_data, tmp_path):
+    run_dir = tmp_path / "ft_zero3"
+    launch("finetune", "zero3", common_sets(tiny_data, run_dir, None, steps=3)
+           + ["finetune.iais.alignment=distributed", "finetune.iais.side=both"])
+    live = json.loads((run_dir / "test_metrics.json").read_text())
+    code = (
+        "import json, sys, torch\n"
+        "from models import RetrievalModel\n"
+        "from pipeline.tokenizer import load_tokenizer\n"
+        "from pipeline.loader import LoaderConfig, image_norm_for, load_eval_split\n"
+        "from pipeline.evaluation import EvalConfig, evaluate\n"
+        "assert 'deepspeed' not in sys.modules\n"
+        f"d = '{run_dir / 'model'}'\n"
+        "m = RetrievalModel.from_pretrained(d)\n"
+        "tok = load_tokenizer(d + '/tokenizer.model')\n"
+        "mean, std, interp = image_norm_for(m.config.image.backbone)\n"
+        f"cfg = LoaderConfig(shards='{tiny_data['root'] / 'test'}', batch_size=1, image_size=32, mean=mean, "
+        "std=std, interpolation=interp, max_text_len=48)\n"
+        f"split = load_eval_split('{tiny_data['root'] / 'test'}', tok, cfg)\n"
+        "torch.set_num_threads(1)\n"
+        "cfg = EvalConfig(score_batch=256, two_stage=False, progress=False)\n"
+        "print(json.dumps(evaluate(m, split, cfg).metrics))\n"
+        "assert 'deepspeed' not in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "rsum"):
+        assert exported[key] == live[key], key
+    for key in ("isd_singular_L", "isd_singular_V", "isd_distributed_L", "wino_text", "wino_group"):
+        assert exported[key] == pytest.approx(live[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_pretrain_zero3_two_ranks_logs_task_losses(tiny_data, mlflow_server, tmp_path):
+    run_dir = tmp_path / "pt_zero3"
+    sets = common_sets(tiny_data, run_dir, mlflow_server, steps=6) + [
+        "pretrain.tasks={mlm: 1.0, itm: 1.0, itc: 1.0}"]
+    launch("pretrain", "zero3", sets)
+    client, run = mlflow_run(mlflow_server, run_dir)
+    m = run.data.metrics
+    for key in ("loss", "lr", "grad_norm", "samples_per_s", "mlm_loss", "itm_loss", "itc_loss"):
+        assert key in m and math.isfinite(m[key]), key
+    from models import RetrievalModel
+    model = RetrievalModel.from_pretrained(run_dir / "model")
+    assert (run_dir / "model" / "tokenizer.model").is_file() and model.config.hidden_size == 32
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_losses(tiny_data, tmp_path):
+    full = tmp_path / "full"
+    sets = common_sets(tiny_data, full, None, steps=6) + ["checkpoint.every=3", "checkpoint.export=false",
+                                                           "eval.test=false"]
+    launch("finetune", "zero2", sets)
+    # a run interrupted after step 3: its checkpoint directory as it was then
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step0000003", resumed / "checkpoints" / "step0000003")
+    (resumed / "checkpoints" / "latest").write_text("step0000003")
+    launch("finetune", "zero2", common_sets(tiny_data, resumed, None, steps=6)
+           + ["checkpoint.every=3", "checkpoint.export=false", "eval.test=false", "checkpoint.resume=true"])
+    a, b = step_losses(full), step_losses(resumed)
+    assert sorted(b) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-9), (step, a, b)
