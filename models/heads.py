@@ -1,4 +1,4 @@
-"""Output heads: pooler, ITM / rank, MLM (decoder tied to the word embeddings), ITC projections."""
+"""Output heads: pooler, ITM / rank, MLM (decoder tied to the word embeddings), MRFR, ITC projections."""
 from __future__ import annotations
 
 import math
@@ -35,6 +35,20 @@ class MlmHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.norm(F.gelu(self.dense(hidden)))) + self.bias
+
+
+class MrfrHead(nn.Module):
+    """Masked region feature regression (UNITER's MRFR): dense + gelu + LayerNorm, then back to the
+    image-feature size, predicting the raw feature of a masked region from its output token."""
+
+    def __init__(self, cfg: ModelConfig, feat_dim: int):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=LN_EPS)
+        self.out = nn.Linear(cfg.hidden_size, feat_dim)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(F.gelu(self.dense(hidden))))
 
 
 class ItcHead(nn.Module):

@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .embeddings import ImageEmbeddings, TextEmbeddings
-from .heads import ItcHead, MlmHead, Pooler
+from .heads import ItcHead, MlmHead, MrfrHead, Pooler
 from .image_encoder import ImageEncoder, ImageTokens
 from .transformer import Encoder
 
@@ -55,6 +55,7 @@ class RetrievalModel(nn.Module):
         self.itm_head = nn.Linear(config.hidden_size, 2)
         self.rank_head = nn.Linear(config.hidden_size, 1)
         self.mlm_head = MlmHead(config, self.embeddings.word_embeddings)
+        self.mrfr_head = MrfrHead(config, self.image_encoder.feat_dim)
         self.itc = ItcHead(config)
         for name, module in self.named_children():
             if name != "image_encoder":  # timm keeps its own initialisation
@@ -137,6 +138,12 @@ class RetrievalModel(nn.Module):
         """Vocabulary logits [K, V] at the K positions where positions_mask [B, N'] is True (N' <= N)."""
         hidden = sequence[:, :positions_mask.shape[1]][positions_mask.bool()]
         return self.mlm_head(hidden)
+
+    def mrfr_predictions(self, out: EncoderOutput, region_positions: torch.Tensor) -> torch.Tensor:
+        """Predicted raw image features [K, D_img] of the K image tokens where region_positions [B, M] is True
+        (image token m sits at sequence position text_len + m)."""
+        hidden = out.sequence[:, out.text_len:out.text_len + region_positions.shape[1]][region_positions.bool()]
+        return self.mrfr_head(hidden)
 
     def embed_text(self, batch: Batch) -> torch.Tensor:
         """L2-normalised ITC embedding [B, itc_dim] from [CLS] of a text-only pass."""

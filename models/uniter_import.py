@@ -113,7 +113,7 @@ def load_uniter_checkpoint(path_or_state_dict, img_dim: int = 2048) -> Retrieval
     mapped = map_uniter_state(state)
     result = model.load_state_dict(mapped, strict=False)
     backbone_keys = [k for k in result.missing_keys
-                     if not k.startswith(("itc.", "mlm_head.", "itm_head.", "rank_head."))]
+                     if not k.startswith(("itc.", "mlm_head.", "mrfr_head.", "itm_head.", "rank_head."))]
     if backbone_keys:
         raise ConfigError(f"UNITER checkpoint lacks {len(backbone_keys)} weight(s), e.g. {backbone_keys[:3]}")
     if "rank_head.weight" not in mapped and "itm_head.weight" in mapped:

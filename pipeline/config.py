@@ -119,6 +119,7 @@ class PretrainTasks:
 class PretrainConfig:
     tasks: PretrainTasks = field(default_factory=PretrainTasks)
     mlm_prob: float = 0.15
+    mrfr_prob: float = 0.15               # share of regions masked for MRFR
     itc_temperature: float = 0.07
     sources: list[SourceConfig] = field(default_factory=list)   # empty: data.train with weight 1
 
@@ -331,6 +332,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
          f"config 'finetune.pool_size' = {ft.pool_size} must exceed finetune.negative_size ({ft.negative_size})")
     need(all(isinstance(x, int) for x in ft.iais.layers),
          f"config 'finetune.iais.layers' = {ft.iais.layers} must be a list of layer indices")
+    need(0.0 < cfg.pretrain.mrfr_prob < 1.0,
+         f"config 'pretrain.mrfr_prob' = {cfg.pretrain.mrfr_prob} must be in (0, 1)")
     need(0.0 < cfg.pretrain.mlm_prob < 1.0, f"config 'pretrain.mlm_prob' = {cfg.pretrain.mlm_prob} must be in (0, 1)")
     t = cfg.pretrain.tasks
     need(min(t.mlm, t.itm, t.itc, t.mrfr) >= 0 and t.mlm + t.itm + t.itc + t.mrfr > 0,

@@ -1,5 +1,6 @@
 """Pretraining task losses: MLM (15 %, 80/10/10), ITM (random non-matching image for half the pairs) and ITC
-(in-batch contrastive over text-only and image-only passes, gathered across ranks with gradients)."""
+(in-batch contrastive over text-only and image-only passes, gathered across ranks with gradients) and, in
+region modes, MRFR (masked region feature regression)."""
 from __future__ import annotations
 
 import random
@@ -72,6 +73,27 @@ def itm_loss(module, batch: dict, generator: torch.Generator) -> tuple[torch.Ten
     labels = labels.to(device)
     acc = (logits.argmax(dim=1) == labels).float().mean().item()
     return F.cross_entropy(logits, labels), acc
+
+
+def mask_regions(region_mask: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:
+    """Bool [B, M] regions chosen for MRFR: each real region with probability ``prob``, at least one per row."""
+    chosen = (torch.rand(region_mask.shape, generator=generator) < prob) & region_mask
+    none = ~chosen.any(dim=1) & region_mask.any(dim=1)
+    first = region_mask.float().argmax(dim=1)
+    chosen[none, first[none]] = True
+    return chosen
+
+
+def mrfr_loss(module, batch: dict, prob: float, generator: torch.Generator) -> torch.Tensor:
+    """UNITER's masked region feature regression: chosen regions' input features are zeroed and their raw
+    features regressed (MSE) from the output tokens."""
+    from models.image_encoder import ImageTokens
+    tokens = module.encode_image(batch)
+    chosen = mask_regions(tokens.mask.cpu().bool(), prob, generator).to(tokens.feat.device)
+    masked = ImageTokens(tokens.feat.masked_fill(chosen.unsqueeze(-1), 0.0), tokens.pos, tokens.mask)
+    out = module(batch, image_tokens=masked, attn_logit_layers=[])
+    predicted = module.mrfr_predictions(out, chosen)
+    return F.mse_loss(predicted.float(), tokens.feat[chosen].detach().float())
 
 
 def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:

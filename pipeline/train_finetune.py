@@ -39,7 +39,6 @@ def run(config_path: Optional[str], overrides: list[str], ds_path: str) -> int:
 
 class FinetuneJob:
     def __init__(self, run: T.Run, engine, tokenizer, tok_path, train_spec: str):
-        from pipeline.tracking import Tracker
         self.run, self.engine, self.tokenizer, self.tok_path = run, engine, tokenizer, tok_path
         cfg = self.cfg = run.cfg
         mbs = cfg.train.micro_batch_size
@@ -59,13 +58,7 @@ class FinetuneJob:
         for batch in self.stream.history(self.pool.batches.maxlen - 1):   # exact refill after a resume
             self.pool.add(batch)
         self.step_fn = FinetuneStep(cfg, engine, self.pool, run.device, cfg.train.steps)
-        info = T.run_info(run)
-        self.tracker = Tracker.create(cfg.tracking, run.is_main, run.run_dir,
-                                      resume_run_id=client.get("mlflow_run_id") if client else None)
-        if client is None:
-            self.tracker.log_params({**T.tracker_params(run), **info})
-            self.tracker.log_artifact(run.run_dir / "experiment.yaml", "configs")
-            self.tracker.log_artifact(run.run_dir / "ds_config.json", "configs")
+        self.tracker = T.open_tracker(run, client)
         self._val_split = None
 
     # ---- data -------------------------------------------------------------------------------------

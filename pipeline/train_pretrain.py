@@ -10,7 +10,7 @@ from pipeline import distributed as dist_utils
 from pipeline import trainer as T
 from pipeline.config import ExperimentConfig, split_path
 from pipeline.errors import UserError
-from pipeline.pretrain_tasks import choose_task, itc_loss, itm_loss, mlm_loss
+from pipeline.pretrain_tasks import choose_task, itc_loss, itm_loss, mlm_loss, mrfr_loss
 from pipeline.setup_data import build_model, ensure_data, ensure_tokenizer, loader_config, to_device
 from pipeline.stream import BatchStream
 
@@ -31,9 +31,6 @@ def choose_source(weights: list[float], seed: int, step: int, micro: int) -> int
 
 def run(config_path: Optional[str], overrides: list[str], ds_path: str) -> int:
     cfg, ds = T.prepare("pretrain", config_path, overrides, ds_path)
-    if cfg.pretrain.tasks.mrfr > 0:
-        raise UserError("pretrain.tasks.mrfr: MRFR needs a region-feature regression head that models/ does "
-                        "not provide yet; set pretrain.tasks.mrfr to 0")
     t_start = time.perf_counter()
     run = T.start(cfg, ds, "pretrain")
     ensure_data(cfg, progress=run.is_main)
@@ -49,7 +46,6 @@ def run(config_path: Optional[str], overrides: list[str], ds_path: str) -> int:
 
 class PretrainJob:
     def __init__(self, run: T.Run, engine, tokenizer, tok_path, srcs: list[tuple[str, float]]):
-        from pipeline.tracking import Tracker
         self.run, self.engine, self.tokenizer, self.tok_path = run, engine, tokenizer, tok_path
         cfg = self.cfg = run.cfg
         self.weights = [w for _, w in srcs]
@@ -64,18 +60,14 @@ class PretrainJob:
         self.streams = [BatchStream(loader_config(cfg, spec, engine.module, cfg.train.micro_batch_size, i),
                                     tokenizer, run.rank, run.world_size, state=st)
                         for i, ((spec, _), st) in enumerate(zip(srcs, states))]
-        info = T.run_info(run)
-        self.tracker = Tracker.create(cfg.tracking, run.is_main, run.run_dir,
-                                      resume_run_id=client.get("mlflow_run_id") if client else None)
-        if client is None:
-            self.tracker.log_params({**T.tracker_params(run), **info})
-            self.tracker.log_artifact(run.run_dir / "experiment.yaml", "configs")
-            self.tracker.log_artifact(run.run_dir / "ds_config.json", "configs")
+        self.tracker = T.open_tracker(run, client)
 
     def task_loss(self, task: str, batch: dict, generator) -> tuple:
         module = self.engine.module
         if task == "mlm":
             return mlm_loss(module, batch, self.tokenizer, self.cfg.pretrain.mlm_prob, generator), {}
+        if task == "mrfr":
+            return mrfr_loss(module, batch, self.cfg.pretrain.mrfr_prob, generator), {}
         if task == "itm":
             loss, acc = itm_loss(module, batch, generator)
             return loss, {"itm_acc": acc}

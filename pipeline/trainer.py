@@ -343,6 +343,19 @@ def tracker_params(run: Run) -> dict[str, Any]:
     return params
 
 
+def open_tracker(run: Run, client: Optional[dict]):
+    """The run's MLflow tracker; a resumed run (``client`` state) continues its MLflow run, a new one
+    logs params and configs first."""
+    from pipeline.tracking import Tracker
+    tracker = Tracker.create(run.cfg.tracking, run.is_main, run.run_dir,
+                             resume_run_id=client.get("mlflow_run_id") if client else None)
+    if client is None:
+        tracker.log_params({**tracker_params(run), **run_info(run)})
+        tracker.log_artifact(run.run_dir / "experiment.yaml", "configs")
+        tracker.log_artifact(run.run_dir / "ds_config.json", "configs")
+    return tracker
+
+
 def run_info(run: Run) -> dict[str, Any]:
     """Collective: world size, node count, host names."""
     hosts = dist_utils.hostnames()
