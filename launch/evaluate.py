@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # runnable from a plain checkout too
 
-from pipeline.errors import UserError  # noqa: E402
+from pipeline.errors import UserError, exit_code_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "launch" / "configs" / "demo_tiny.yaml"
@@ -278,12 +278,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code_of(lambda: run(args))
 
 
 if __name__ == "__main__":

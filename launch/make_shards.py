@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.errors import UserError  # noqa: E402
+from pipeline.errors import UserError, exit_code_of  # noqa: E402
 from pipeline.shards import write_split  # noqa: E402
 from pipeline.sources import (KARPATHY_SPLITS, TABLE_FORMATS, ImageOptions, karpathy_entries,  # noqa: E402
                               karpathy_samples, read_karpathy, read_table, table_samples)
@@ -154,12 +154,8 @@ def run_table(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        {"synthetic": run_synthetic, "karpathy": run_karpathy, "table": run_table}[args.command](args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    command = {"synthetic": run_synthetic, "karpathy": run_karpathy, "table": run_table}[args.command]
+    return exit_code_of(lambda: command(args))
 
 
 if __name__ == "__main__":

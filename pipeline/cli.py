@@ -4,12 +4,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import typing
 from pathlib import Path
 from typing import Optional
 
-from pipeline.errors import UserError
+from pipeline.errors import exit_code_of
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIGS = {"finetune": REPO / "launch" / "configs" / "demo_tiny.yaml",
@@ -91,17 +90,13 @@ def main(stage: str, argv: Optional[list[str]] = None) -> int:
     overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
     config = args.config or str(DEFAULT_CONFIGS[stage])
     ds_path = args.deepspeed_config or str(DEFAULT_DS)
-    try:
-        if args.print_config:
-            return _print_config(stage, config, overrides, ds_path)
-        if stage == "finetune":
-            from pipeline.train_finetune import run
-        else:
-            from pipeline.train_pretrain import run
-        return run(config, overrides, ds_path)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return exc.exit_code
+    if args.print_config:
+        return exit_code_of(lambda: _print_config(stage, config, overrides, ds_path))
+    if stage == "finetune":
+        from pipeline.train_finetune import run
+    else:
+        from pipeline.train_pretrain import run
+    return exit_code_of(lambda: run(config, overrides, ds_path))
 
 
 def _print_config(stage: str, config: str, overrides: list[str], ds_path: str) -> int:

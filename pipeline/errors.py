@@ -1,4 +1,6 @@
-"""The one exception type for bad user input."""
+"""The one exception type for bad user input, and how entry points report it."""
+import sys
+from typing import Callable
 
 
 class UserError(Exception):
@@ -9,3 +11,14 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+def exit_code_of(action: Callable[[], object]) -> int:
+    """Run an entry point's work and return its exit code: the int it returns, else 0; a UserError becomes
+    one line `error: ...` on stderr and exit code 2."""
+    try:
+        result = action()
+        return result if isinstance(result, int) else 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
