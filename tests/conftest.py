@@ -78,3 +78,14 @@ def mlflow_server(tmp_path_factory) -> str:
     finally:
         _stop(proc)
 # ==== end MLflow server ==========================================================================
+
+
+# ---------------------------------------------------------------- shared: model tests run on one thread
+@pytest.fixture
+def one_thread():
+    """Tiny-model tests run on one torch thread (several jobs share the 2 cores; faster and steadier)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

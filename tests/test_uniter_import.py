@@ -15,12 +15,7 @@ from models import ConfigError, load_uniter_checkpoint
 HIDDEN, LAYERS, HEADS, FFN, VOCAB, MAXPOS, IMG_DIM = 128, 2, 2, 256, 40, 24, 2048
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_uniter_state(seed=0, old_layernorm_names=False):
