@@ -66,19 +66,11 @@ def load_model(args, tok, demo_cfg):
 
 
 def load_data(test: str, tok, model, n_images: int):
-    from pipeline.eval_data import EvalData, from_split
     from pipeline.loader import LoaderConfig, load_eval_split
     mc = model.config
     lc = LoaderConfig.for_model(mc.image.backbone, shards=test, image_size=mc.image.image_size,
                                 max_text_len=mc.max_text_len, num_workers=0)
-    data = from_split(load_eval_split(test, tok, lc))
-    if n_images < data.n_images:
-        keep = torch.arange(n_images)
-        caps = torch.isin(data.text_to_image, keep).nonzero().flatten().tolist()
-        data = EvalData(data.image_keys[:n_images], {k: v[:n_images] for k, v in data.images.items()},
-                        [data.caption_ids[c] for c in caps], data.text_to_image[caps],
-                        [data.captions[c] for c in caps])
-    return data
+    return load_eval_split(test, tok, lc).subset(n_images)
 
 
 def sync(device: torch.device) -> None:

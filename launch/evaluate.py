@@ -166,14 +166,13 @@ def resolve_split(args: argparse.Namespace):
 
 
 def load_data(args: argparse.Namespace, shards: str, model, tokenizer):
-    from pipeline.eval_data import from_split
     from pipeline.loader import LoaderConfig, load_eval_split
     mc = model.config
     kw = dict(shards=shards, image_size=mc.image.image_size, max_text_len=mc.max_text_len, num_workers=0,
               image_mode=mc.image.mode, max_regions=args.max_regions, feat_dim=mc.image.feat_dim)
     loader_cfg = LoaderConfig.for_model(mc.image.backbone, **kw) if mc.image.mode != "features" \
         else LoaderConfig(**kw)
-    return from_split(load_eval_split(shards, tokenizer, loader_cfg))
+    return load_eval_split(shards, tokenizer, loader_cfg)
 
 
 def user_quadruples(args: argparse.Namespace, data, tokenizer, max_len: int):
@@ -266,10 +265,12 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     if ddp.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         payload = {"model": str(args.model), "shards": str(shards), "images": data.n_images,
-                   "captions": data.n_texts, "world_size": ddp.world_size(), "device": str(device),
-                   "metrics": result.metrics}
+                   "captions": data.n_texts, "skipped_samples": data.skipped, "world_size": ddp.world_size(),
+                   "device": str(device), "metrics": result.metrics}
         (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
         print(results_table(result.metrics), flush=True)
+        if data.skipped:
+            print(f"skipped unreadable samples of {shards}: {data.skipped}", flush=True)
         print(f"results: {out / 'results.json'}", flush=True)
         if args.mlflow or args.mlflow_run_id:
             log_to_mlflow(args, result.metrics, out)

@@ -98,11 +98,14 @@ class FinetuneConfig:
     # alternate (the reference): text-anchored groups (one text, hard images) on even steps, image-anchored
     # groups on odd steps; both: both every step; text / image: one kind only
     directions: Literal["alternate", "both", "text", "image"] = "alternate"
-    itc_preselect: int = 0                # >0: shortlist this many candidates by ITC before cross-scoring
+    itc_preselect: int = 0                # >0: draw this many pool candidates and cross-score only the
+                                          # negative_size of them most similar by ITC
     hard_start_step: int = 0              # before this step negatives are random pool candidates (a curriculum
                                           # for models without a pretrained start; mining costs nothing then)
     bce_weight: float = 0.0               # + w * BCE(sigmoid(rank) of positives -> 1, negatives -> 0): keeps a
                                           # model trained from scratch out of the all-scores-low collapse
+    itc_weight: float = 0.0               # + w * in-batch ITC loss: keeps the dual-encoder shortlist of two-stage
+                                          # retrieval (and itc_preselect) trained while the cross-encoder is tuned
     init_rank_from_itm: bool = True
     iais: IaisConfig = field(default_factory=IaisConfig)
 
@@ -330,6 +333,10 @@ def _check_values(cfg: ExperimentConfig) -> None:
          f"config 'finetune.negative_size' = {ft.negative_size} must be >= finetune.hard_size ({ft.hard_size})")
     need(ft.pool_size > ft.negative_size,
          f"config 'finetune.pool_size' = {ft.pool_size} must exceed finetune.negative_size ({ft.negative_size})")
+    need(ft.itc_preselect == 0 or ft.negative_size <= ft.itc_preselect < ft.pool_size,
+         f"config 'finetune.itc_preselect' = {ft.itc_preselect} must be 0 (off) or in "
+         f"[finetune.negative_size ({ft.negative_size}), finetune.pool_size ({ft.pool_size}))")
+    need(ft.itc_weight >= 0, f"config 'finetune.itc_weight' = {ft.itc_weight} must be >= 0")
     need(all(isinstance(x, int) for x in ft.iais.layers),
          f"config 'finetune.iais.layers' = {ft.iais.layers} must be a list of layer indices")
     need(0.0 < cfg.pretrain.mrfr_prob < 1.0,

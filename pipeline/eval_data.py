@@ -23,6 +23,7 @@ class EvalData:
     quadruples: relation-swap quadruples as (image0, caption0, image1, caption1) indices.
     token_words: per caption, per token, the index of its whitespace word (-1 specials), or None.
     thumbnails: uint8 [n, H, W, 3] small images for pictures, or None.
+    skipped: unreadable samples left out when the split was read, by reason.
     """
 
     image_keys: list[str]
@@ -35,6 +36,7 @@ class EvalData:
     quadruples: list[tuple[int, int, int, int]] = field(default_factory=list)
     token_words: list[list[int]] | None = None
     thumbnails: torch.Tensor | None = None
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.text_to_image = torch.as_tensor(self.text_to_image, dtype=torch.long)
@@ -101,6 +103,28 @@ class EvalData:
         return {k: v.to(device, dtype=dtype if dtype is not None and v.is_floating_point() else None)
                 for k, v in batch.items()}
 
+    def subset(self, max_images: int = 0, captions_per_image: int = 0) -> "EvalData":
+        """The first ``max_images`` images with their first ``captions_per_image`` captions each (0: all).
+        Quadruples are dropped unless the subset is the whole split."""
+        n = min(max_images or self.n_images, self.n_images)
+        caps, seen = [], [0] * n
+        for c, image in enumerate(self.text_to_image.tolist()):
+            if image < n and (not captions_per_image or seen[image] < captions_per_image):
+                caps.append(c)
+                seen[image] += 1
+        if n == self.n_images and len(caps) == self.n_texts:
+            return self
+
+        def rows(values):
+            return None if values is None else [values[c] for c in caps]
+
+        return replace(self, image_keys=self.image_keys[:n], images={k: v[:n] for k, v in self.images.items()},
+                       caption_ids=rows(self.caption_ids), text_to_image=self.text_to_image[caps],
+                       captions=rows(self.captions) if self.captions else [],
+                       token_objects=rows(self.token_objects), token_words=rows(self.token_words),
+                       object_centres=None if self.object_centres is None else self.object_centres[:n],
+                       thumbnails=None if self.thumbnails is None else self.thumbnails[:n], quadruples=[])
+
     def with_captions(self, texts: list[str], image_of: list[int], tokenizer, max_len: int) -> "EvalData":
         """A copy with captions appended (e.g. user quadruples' text not present in the split)."""
         if tokenizer is None:
@@ -119,7 +143,9 @@ class EvalData:
                        token_objects=token_objects, token_words=token_words)
 
 
-def _object_centres(objects: list[dict], size: tuple[float, float]) -> torch.Tensor:
+def object_centres(objects: list[dict], size: tuple[float, float]) -> torch.Tensor:
+    """Normalised (x, y) centres [k, 2] of annotated objects (``box`` in pixels of an image of ``size``
+    (width, height)); -1 where a box or the size is missing. Places objects on the patch grid for ISDa."""
     width, height = size
     out = torch.full((len(objects), 2), -1.0)
     for k, obj in enumerate(objects):
@@ -130,23 +156,3 @@ def _object_centres(objects: list[dict], size: tuple[float, float]) -> torch.Ten
         if width > 0 and height > 0:
             out[k] = torch.tensor([(x1 + x2) / 2 / width, (y1 + y2) / 2 / height])
     return out
-
-
-def from_split(split) -> EvalData:
-    """EvalData from pipeline.loader's EvalSplit.
-
-    The split's stored image sizes place annotated objects on the patch grid for ISDa in patch mode.
-    """
-    text = split.text
-    lengths = text["text_mask"].sum(dim=1).tolist()
-    ids = [row[:n] for row, n in zip(text["input_ids"].tolist(), lengths)]
-    token_objects = [row[:n] for row, n in zip(text["word_to_region"].tolist(), lengths)]
-    token_words = [row[:n] for row, n in zip(text["word_index"].tolist(), lengths)]
-    centres = [_object_centres(objs, size) for objs, size in zip(split.objects, split.image_sizes)]
-    rows = [tuple(q[f"{name}_row"] for name in ("image0", "caption0", "image1", "caption1"))
-            for q in split.quadruples]
-    quads = [row for row in rows if min(row) >= 0]
-    return EvalData(image_keys=list(split.keys), images=dict(split.images), caption_ids=ids,
-                    text_to_image=split.caption_image.clone(), captions=list(split.captions),
-                    token_objects=token_objects,
-                    object_centres=centres, quadruples=quads, token_words=token_words)

@@ -23,7 +23,7 @@ from models import iais
 from models.image_encoder import ImageTokens
 from pipeline import distributed as ddp
 from pipeline.errors import UserError
-from pipeline.eval_data import EvalData, from_split
+from pipeline.eval_data import EvalData
 from pipeline.metrics import retrieval_recalls, winoground_scores
 
 ALIGNMENTS = ("singular", "distributed", "congruence")
@@ -457,12 +457,11 @@ def winoground_metrics(model, data: EvalData, quads: list[tuple[int, int, int, i
 
 # ----------------------------------------------------------------------------- all together
 
-def evaluate(model, data, cfg: EvalConfig | None = None,
+def evaluate(model, data: EvalData, cfg: EvalConfig | None = None,
              quadruples: list[tuple[int, int, int, int]] | None = None, picture_dir=None) -> EvalResult:
     """Every enabled evaluation on ``data``; collective: all ranks call it, all get the same metrics.
 
-    ``data``: an ``EvalData`` or the loader's ``EvalSplit`` (converted with ``eval_data.from_split``;
-    patch-mode ISDa needs object centres, so it is skipped for a bare EvalSplit).
+    ``data``: a split in memory (``pipeline.loader.load_eval_split``).
 
     Recall keys (txt_rK, img_rK, rsum, r_mean) come from full retrieval, or from two-stage when
     full is off; two-stage values are also reported as ``two_stage_<key>``. ``quadruples`` defaults
@@ -470,8 +469,6 @@ def evaluate(model, data, cfg: EvalConfig | None = None,
     on every rank (the pictures' attention forward is collective too).
     """
     cfg = cfg or EvalConfig()
-    if not isinstance(data, EvalData):
-        data = from_split(data)
     was_training = model.training
     model.eval()
     result = EvalResult()

@@ -10,16 +10,20 @@ from pipeline.negatives import (CandidatePool, candidate_valid, hardest, index_t
                                 pad_cat, preselect_by_similarity, score_grid, text_rows, iais_schedule,
                                 IMAGE_KEYS, TEXT_KEYS)
 from pipeline.errors import UserError
+from pipeline.pretrain_tasks import itc_loss
+
+
+def _require_valid(valid: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    if not bool(valid.gather(1, cols).all()):
+        raise UserError("the hard-negative pool holds too few candidates with another image id: raise "
+                        "finetune.pool_size or lower finetune.negative_size")
+    return cols
 
 
 def _first_valid(valid: torch.Tensor, n: int) -> torch.Tensor:
     """Per row, the column indices of the first ``n`` True entries of ``valid`` [A, C]."""
     order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
-    cols = order[:, :n]
-    if not bool(valid.gather(1, cols).all()):
-        raise UserError("the hard-negative pool holds too few candidates with another image id: raise "
-                        "finetune.pool_size or lower finetune.negative_size")
-    return cols
+    return _require_valid(valid, order[:, :n])
 
 
 def _to(d: dict, device) -> dict:
@@ -51,7 +55,7 @@ class FinetuneStep:
         if self.random_phase:
             return _first_valid(valid, self.ft.hard_size)
         if self.ft.itc_preselect:
-            return preselect_by_similarity(sim_fn(), valid, self.ft.negative_size)
+            return _require_valid(valid, preselect_by_similarity(sim_fn(), valid, self.ft.negative_size))
         return _first_valid(valid, self.ft.negative_size)
 
     def directions(self, step: int) -> tuple[bool, bool]:
@@ -178,5 +182,9 @@ class FinetuneStep:
             scalars["iais_loss"] = ia.item()
         else:
             scalars["iais_loss"] = 0.0
+        if ft.itc_weight > 0:
+            itc, scalars["itc_acc"] = itc_loss(module, batch)
+            loss = loss + ft.itc_weight * itc
+            scalars["itc_loss"] = itc.item()
         scalars.update(loss=loss.item(), rank_loss=rank_loss.item(), iais_weight=weight)
         return loss, scalars

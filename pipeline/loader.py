@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.decode import BadSample, DecodeSpec, collate, decode_train_sample, select_member, stable_id
 from pipeline.errors import UserError
-from pipeline.evalsplit import EvalSplit, load_eval_split  # noqa: F401  (public API of this module)
+from pipeline.evalsplit import load_eval_split  # noqa: F401  (public API of this module)
 from pipeline.shardlist import Shard, resolve_shards
 
 IMAGE_MODES = ("patch", "roi", "features")

@@ -112,9 +112,8 @@ class FinetuneJob:
     # ---- evaluation -------------------------------------------------------------------------------
     def validate(self, final_tag: Optional[str] = None) -> dict:
         if self._val_split is None:
-            from pipeline.validation import subset
             ev = self.cfg.eval
-            self._val_split = subset(self.eval_split("val"), ev.val_max_images, ev.val_captions_per_image)
+            self._val_split = self.eval_split("val").subset(ev.val_max_images, ev.val_captions_per_image)
         pictures = self.run.run_dir / "pictures" / f"val_step{self.step:07d}"
         metrics = evaluate_split(self.engine.module, self._val_split, self.cfg.eval, pictures)
         if self.run.is_main and pictures.is_dir():

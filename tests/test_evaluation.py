@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from models import create_model
 from models.image_encoder import ImageTokens
-from pipeline.eval_data import EvalData, from_split
+from pipeline.eval_data import EvalData
 from pipeline.errors import UserError
 from pipeline.evaluation import (EvalConfig, evaluate, full_retrieval, region_targets, resolve_quadruples,
                                  score_pairs, two_stage_recalls, two_stage_retrieval)
@@ -45,9 +45,8 @@ def assets(tmp_path_factory):
     model.save_pretrained(model_dir)
     (model_dir / "tokenizer.model").write_bytes(tok_path.read_bytes())
     test = str(root / "test")
-    split = load_eval_split(test, tok, LoaderConfig.for_model("test_vit", shards=test, image_size=64,
+    data = load_eval_split(test, tok, LoaderConfig.for_model("test_vit", shards=test, image_size=64,
                                                              max_text_len=24, num_workers=0))
-    data = from_split(split)
     return {"root": root, "tok": tok, "model": model, "model_dir": model_dir, "data": data, "test": test}
 
 

@@ -266,24 +266,29 @@ def test_img2dataset_layout_without_manifest(tmp_path, tok):
         seen = sorted(i for b in ids(loader) for i in b)
         assert seen == sorted(stable_id(f"{k:09d}") for k in range(8)) and not loader.skipped
     ev = load_eval_split(str(data), tok, cfg(data))
-    assert ev.captions[3] == "a photo number 3" and len(ev.keys) == 8
+    assert ev.captions[3] == "a photo number 3" and ev.n_images == 8
 
 
 def test_eval_split_holds_everything(split, tok, tmp_path):
     data = write_split(tmp_path / "test", [5, 4])
     quads = [{"image0": "train-00000000", "caption0": "a red circle left of a blue square",
+              "image1": "train-00000004", "caption1": "the red thing"},
+             {"image0": "train-00000000", "caption0": "a caption the split does not hold",
               "image1": "train-00000004", "caption1": "the red thing"}]
     (data / "quadruples.json").write_text(json.dumps(quads))
     ev = load_eval_split(str(data), tok, cfg(data))
-    assert ev.keys == [f"train-{k:08d}" for k in range(9)] and len(ev.captions) == 18
+    assert ev.image_keys == [f"train-{k:08d}" for k in range(9)] and ev.n_texts == 18
     assert ev.images["pixels"].shape == (9, 3, SIZE, SIZE)
-    assert ev.caption_image.tolist() == [k // 2 for k in range(18)] and ev.image_captions[4] == [8, 9]
-    assert ev.text["word_to_region"].shape == ev.text["input_ids"].shape
-    q = ev.quadruples[0]
-    assert (q["image0_row"], q["caption0_row"], q["image1_row"], q["caption1_row"]) == (0, 0, 4, 9)
-    batch = ev.pair_batch([0, 9], [0, 4])
-    assert batch["input_ids"].shape[0] == 2
-    assert batch["image_id"].tolist() == [stable_id("train-00000000"), stable_id("train-00000004")]
+    assert ev.text_to_image.tolist() == [k // 2 for k in range(18)]
+    assert [len(t) for t in ev.token_objects] == [len(ids) for ids in ev.caption_ids]
+    assert ev.quadruples == [(0, 0, 4, 9)] and not ev.skipped
+    texts = ev.text_inputs(torch.tensor([0, 9]))
+    assert texts["input_ids"].shape[0] == 2 and texts["text_mask"].sum(1).tolist() == \
+        [len(ev.caption_ids[0]), len(ev.caption_ids[9])]
+    part = ev.subset(max_images=4, captions_per_image=1)
+    assert part.image_keys == ev.image_keys[:4] and part.text_to_image.tolist() == [0, 1, 2, 3]
+    assert part.captions == [ev.captions[c] for c in (0, 2, 4, 6)] and part.images["pixels"].shape[0] == 4
+    assert part.quadruples == [] and ev.subset() is ev
 
 
 def test_timm_normalisation_and_draft_decoding():

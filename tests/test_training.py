@@ -122,7 +122,10 @@ def test_finetune_zero2_two_ranks_logs_to_mlflow(tiny_data, mlflow_server, tmp_p
 def test_finetune_zero3_export_loads_without_deepspeed_and_scores_the_same(tiny_data, tmp_path):
     run_dir = tmp_path / "ft_zero3"
     launch("finetune", "zero3", common_sets(tiny_data, run_dir, None, steps=3)
-           + ["finetune.iais.alignment=distributed", "finetune.iais.side=both"])
+           + ["finetune.iais.alignment=distributed", "finetune.iais.side=both", "finetune.itc_weight=0.5",
+              "finetune.itc_preselect=6", "eval.two_stage=true", "eval.two_stage_k=3"])
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["itc_loss"]) and r["itc_loss"] > 0 for r in logged if "loss" in r)
     live = json.loads((run_dir / "test_metrics.json").read_text())
     code = (
         "import json, sys, torch\n"
@@ -139,13 +142,14 @@ def test_finetune_zero3_export_loads_without_deepspeed_and_scores_the_same(tiny_
         "std=std, interpolation=interp, max_text_len=48)\n"
         f"split = load_eval_split('{tiny_data['root'] / 'test'}', tok, cfg)\n"
         "torch.set_num_threads(1)\n"
-        "cfg = EvalConfig(score_batch=256, two_stage=False, progress=False)\n"
+        "cfg = EvalConfig(score_batch=256, two_stage=True, two_stage_k=3, progress=False)\n"
         "print(json.dumps(evaluate(m, split, cfg).metrics))\n"
         "assert 'deepspeed' not in sys.modules\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     exported = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "rsum"):
+    for key in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "rsum",
+                "two_stage_txt_r1", "two_stage_img_r1", "two_stage_rsum"):
         assert exported[key] == live[key], key
     for key in ("isd_singular_L", "isd_singular_V", "isd_distributed_L", "wino_text", "wino_group"):
         assert exported[key] == pytest.approx(live[key], rel=1e-4, abs=1e-6), key
