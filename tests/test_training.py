@@ -153,6 +153,17 @@ def test_finetune_zero3_export_loads_without_deepspeed_and_scores_the_same(tiny_
         assert exported[key] == live[key], key
     for key in ("isd_singular_L", "isd_singular_V", "isd_distributed_L", "wino_text", "wino_group"):
         assert exported[key] == pytest.approx(live[key], rel=1e-4, abs=1e-6), key
+    # the partitioned ZeRO-3 checkpoint itself, consolidated by launch/evaluate.py (config and tokenizer found
+    # in the run's model/ directory)
+    out = tmp_path / "eval_ckpt"
+    proc = subprocess.run([sys.executable, "launch/evaluate.py", "--model", str(run_dir / "checkpoints"),
+                           "--shards", str(tiny_data["root"] / "test"), "--out", str(out), "--no-two-stage",
+                           "--pictures", "0", "--threads", "1", "--quiet"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from_checkpoint = json.loads((out / "results.json").read_text())["metrics"]
+    for key in ("txt_r1", "txt_r10", "img_r1", "img_r10", "rsum"):
+        assert from_checkpoint[key] == live[key], key
 
 
 @pytest.mark.slow
