@@ -185,62 +185,68 @@ def encode_images(model, data: EvalData, images: torch.Tensor, calls: int, batch
 
 
 # ----------------------------------------------------------------------------- pair scoring
+#
+# Both scoring paths enumerate a rank's pairs in the same order: captions by (length, index), then images by
+# (real-token count, index), cut into batches of ``score_batch`` pairs. Text padding is then minimal and the
+# image padding of a batch is trimmed to its widest image; with one rank and every pair, the two paths run
+# identical batches, so two-stage retrieval with k = n_images reproduces full retrieval bit for bit.
 
-def _pair_order(data: EvalData, pairs: torch.Tensor) -> torch.Tensor:
-    """Image-major order (images by real-token count), captions by length within an image, so each
-    rank's contiguous slice needs few images and similar images share batches."""
-    img_rank = torch.empty(data.n_images, dtype=torch.long)
-    img_rank[torch.argsort(data.region_counts(), stable=True)] = torch.arange(data.n_images)
-    key = img_rank[pairs[:, 1]] * (data.max_text_len() + 1) + data.text_lengths()[pairs[:, 0]]
-    return torch.argsort(key, stable=True)
+def _world_rank() -> tuple[int, int]:
+    return (ddp.world_size(), ddp.rank()) if ddp.is_initialized() else (1, 0)
+
+
+def _image_order(data: EvalData) -> torch.Tensor:
+    return torch.argsort(data.region_counts(), stable=True)
+
+
+def _score_batch(model, data: EvalData, tokens: ImageTokens, captions: torch.Tensor, token_rows: torch.Tensor,
+                 images: torch.Tensor) -> torch.Tensor:
+    """Rank logits of the pairs (captions[j], images[j]) whose image tokens are tokens[token_rows[j]]."""
+    device = _device_of(model)
+    width = int(data.region_counts()[images].max()) if "region_mask" in data.images else None
+    texts = data.text_inputs(captions, device)
+    return model.score(texts, image_tokens=_take(tokens, token_rows.to(device, non_blocking=True), width)).float()
 
 
 def score_pairs(model, data: EvalData, pairs: torch.Tensor, cfg: EvalConfig,
                 desc: str = "scoring") -> torch.Tensor:
     """Cross-encoder rank logits of (text, image) ``pairs`` [P, 2] -> float32 [P] (CPU), on all ranks.
 
-    The backbone runs once per image per rank slice; its ImageTokens are reused for every pair.
+    Pairs are split evenly across ranks (image-major, so each rank needs few images); the backbone runs
+    once per image per rank and its ImageTokens are reused for every pair.
     """
-    device = _device_of(model)
-    world = ddp.world_size() if ddp.is_initialized() else 1
-    r = ddp.rank() if ddp.is_initialized() else 0
-    order = _pair_order(data, pairs)
+    world, r = _world_rank()
+    img_rank = torch.empty(data.n_images, dtype=torch.long)
+    img_rank[_image_order(data)] = torch.arange(data.n_images)
+    order = torch.argsort(img_rank[pairs[:, 1]], stable=True)
     ordered = pairs[order]
     n = ordered.shape[0]
-    needed = [torch.unique(ordered[slice(*_slice_bounds(n, world, q)), 1]) for q in range(world)]
+    bounds = [_slice_bounds(n, world, q) for q in range(world)]
+    needed = [torch.unique(ordered[lo:hi, 1]) for lo, hi in bounds]
+    needed = [x[torch.argsort(img_rank[x], stable=True)] for x in needed]
     calls = max(1, max(math.ceil(x.numel() / cfg.encode_batch) for x in needed))
     mine = needed[r] if needed[r].numel() else ordered[:1, 1]
     tokens = encode_images(model, data, mine, calls, cfg.encode_batch)
     row_of = torch.zeros(data.n_images, dtype=torch.long)  # other ranks' images (dummy calls) -> row 0
     row_of[mine] = torch.arange(mine.numel())
-    counts = data.region_counts()
-    trim = "region_mask" in data.images
 
     def fn(pos: torch.Tensor) -> torch.Tensor:
         chunk = ordered[pos]
-        rows = row_of[chunk[:, 1]].to(device, non_blocking=True)
-        width = int(counts[chunk[:, 1]].max()) if trim else None
-        batch = data.text_inputs(chunk[:, 0], device)
-        return model.score(batch, image_tokens=_take(tokens, rows, width)).float()
+        return _score_batch(model, data, tokens, chunk[:, 0], row_of[chunk[:, 1]], chunk[:, 1])
 
-    perm = _length_sorted_slices(data, ordered, world)
+    perm = torch.cat([_caption_major(data, ordered, torch.arange(lo, hi), img_rank) for lo, hi in bounds])
     out = sharded_map(perm, cfg.score_batch, fn, desc=desc, progress=cfg.progress).cpu()
     scores = torch.empty(n, dtype=torch.float32)
     scores[order[perm]] = out
     return scores
 
 
-def _length_sorted_slices(data: EvalData, ordered: torch.Tensor, world: int) -> torch.Tensor:
-    """Positions 0..P-1 with each rank's slice (image-major, so few images per rank) re-sorted by
-    caption length, so every batch holds captions of nearly one length: least text padding."""
-    n = ordered.shape[0]
-    parts = []
-    for q in range(world):
-        lo, hi = _slice_bounds(n, world, q)
-        pos = torch.arange(lo, hi)
-        key = data.text_lengths()[ordered[pos, 0]] * (n + 1) + pos  # ties keep the image-major order
-        parts.append(pos[torch.argsort(key, stable=True)])
-    return torch.cat(parts)
+def _caption_major(data: EvalData, ordered: torch.Tensor, pos: torch.Tensor, img_rank: torch.Tensor
+                   ) -> torch.Tensor:
+    """Positions ``pos`` of ``ordered`` pairs re-sorted by (caption length, caption, image rank)."""
+    text, image = ordered[pos, 0], ordered[pos, 1]
+    key = (data.text_lengths()[text] * (data.n_texts + 1) + text) * (data.n_images + 1) + img_rank[image]
+    return pos[torch.argsort(key, stable=True)]
 
 
 def _sync_time() -> float:
@@ -251,15 +257,52 @@ def _sync_time() -> float:
 
 
 def full_retrieval(model, data: EvalData, cfg: EvalConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Score every (text, image) pair -> ([n_texts, n_images] matrix, stats with time and pairs/s)."""
+    """Score every (text, image) pair -> ([n_texts, n_images] matrix, stats with time and pairs/s).
+
+    Each rank scores every caption against its own slice of the images; pairs are enumerated on the fly
+    (never materialised: COCO's 25k x 5k would be 125M pairs) and the slices' columns are gathered.
+    """
     t0 = _sync_time()
-    texts = torch.arange(data.n_texts).repeat_interleave(data.n_images)
-    images = torch.arange(data.n_images).repeat(data.n_texts)
-    scores = score_pairs(model, data, torch.stack([texts, images], 1), cfg, desc="full retrieval")
+    world, r = _world_rank()
+    image_order = _image_order(data)
+    per = math.ceil(data.n_images / world)
+    mine = image_order[r * per:(r + 1) * per]
+    encoded = mine if mine.numel() else image_order[:1]   # a rank without images makes dummy calls
+    tokens = encode_images(model, data, encoded, max(1, math.ceil(per / cfg.encode_batch)), cfg.encode_batch)
+    local = _score_captions_against(model, data, tokens, encoded, per, cfg)
+    columns = _gather_rows(local[:, :mine.numel()].T.contiguous(), per)[:data.n_images]   # [n_images, n_texts]
+    scores = torch.empty(data.n_texts, data.n_images, dtype=torch.float32)
+    scores[:, image_order] = columns.T.cpu()
     seconds = _sync_time() - t0
     n_pairs = data.n_texts * data.n_images
-    return scores.view(data.n_texts, data.n_images), {"full_seconds": seconds,
-                                                      "full_pairs_per_s": n_pairs / max(seconds, 1e-9)}
+    return scores, {"full_seconds": seconds, "full_pairs_per_s": n_pairs / max(seconds, 1e-9)}
+
+
+def _score_captions_against(model, data: EvalData, tokens: ImageTokens, images: torch.Tensor, per: int,
+                            cfg: EvalConfig) -> torch.Tensor:
+    """Scores [n_texts, m] of every caption against the m ``images`` whose tokens are ``tokens``; exactly
+    ceil(n_texts * per / score_batch) model calls on every rank (the surplus repeats the first batch)."""
+    captions = torch.argsort(data.text_lengths(), stable=True)
+    m = images.numel()
+    n = data.n_texts * m
+    out = torch.empty(n, dtype=torch.float32)
+    calls = max(1, math.ceil(data.n_texts * per / cfg.score_batch))
+    bar = tqdm(total=n, desc="full retrieval", disable=not (cfg.progress and _world_rank()[1] == 0),
+               leave=False, unit="pair")
+    for c in range(calls):
+        pos = torch.arange(c * cfg.score_batch, min(n, (c + 1) * cfg.score_batch))
+        real = pos.numel() > 0
+        if not real:
+            pos = torch.arange(min(n, cfg.score_batch))
+        rows = pos % m
+        scores = _score_batch(model, data, tokens, captions[pos // m], rows, images[rows])
+        if real:
+            out[pos] = scores.cpu()
+            bar.update(pos.numel())
+    bar.close()
+    result = torch.empty(data.n_texts, m, dtype=torch.float32)
+    result[captions] = out.view(data.n_texts, m)
+    return result
 
 
 # ----------------------------------------------------------------------------- two-stage

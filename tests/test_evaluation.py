@@ -183,8 +183,11 @@ def _rank_worker(rank: int, world: int, init_file: str, model_dir: str, data: Ev
     model = RetrievalModel.from_pretrained(model_dir).eval()
     enc, fwd = count_calls(model.image_encoder), count_calls(model.encoder)
     result = evaluate(model, data, cfg(two_stage_k=3))
+    calls = (enc[0], fwd[0])
+    with torch.no_grad():   # 7 images: rank 1 holds 3, one fewer than rank 0, and pads with dummy calls
+        uneven, _ = full_retrieval(model, data.subset(max_images=7), cfg())
     torch.save({"metrics": result.metrics, "scores": result.scores, "t2i": result.two_stage_scores[0],
-                "calls": (enc[0], fwd[0])}, f"{out}/rank{rank}.pt")
+                "calls": calls, "uneven": uneven, "uneven_calls": (enc[0], fwd[0])}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -192,7 +195,8 @@ def test_two_gloo_ranks_equal_one_rank(assets, tmp_path):
     data, model_dir = assets["data"], str(assets["model_dir"])
     mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), model_dir, data, str(tmp_path)), nprocs=2)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert r0["calls"] == r1["calls"]  # same number of collective forwards on both ranks (ZeRO-3 safe)
+    # the same number of collective forwards on both ranks (ZeRO-3 safe), also with an uneven split
+    assert r0["calls"] == r1["calls"] and r0["uneven_calls"] == r1["uneven_calls"]
     single = evaluate(assets["model"], data, cfg(two_stage_k=3))
     torch.testing.assert_close(r0["scores"], single.scores, atol=1e-5, rtol=1e-5)
     assert torch.equal(r0["scores"], r1["scores"])
@@ -201,6 +205,10 @@ def test_two_gloo_ranks_equal_one_rank(assets, tmp_path):
         assert r0["metrics"][key] == single.metrics[key], key
     for key in ("isd_singular_L", "isd_congruence_V", "isda"):
         assert r0["metrics"][key] == pytest.approx(single.metrics[key], rel=1e-4, abs=1e-7)
+    with torch.no_grad():
+        uneven, _ = full_retrieval(assets["model"], data.subset(max_images=7), cfg())
+    assert uneven.shape == (35, 7) and torch.equal(r0["uneven"], r1["uneven"])
+    torch.testing.assert_close(r0["uneven"], uneven, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- CLI
