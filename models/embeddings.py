@@ -52,9 +52,18 @@ class ImageEmbeddings(nn.Module):
         self.pos_norm = nn.LayerNorm(cfg.hidden_size, eps=LN_EPS)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=LN_EPS)
         self.dropout = nn.Dropout(cfg.dropout)
+        # the input feature of a region masked for MRFR (UNITER: zeroed feature + mask_embedding row 1). It must
+        # not be all zeros: img_norm would then normalise a zero-variance vector and its gradient would be
+        # scaled by 1/sqrt(eps)
+        self.mask_feature = nn.Parameter(torch.randn(feat_dim) * cfg.init_std)
 
-    def forward(self, feat: torch.Tensor, pos: torch.Tensor, type_embedding: torch.Tensor) -> torch.Tensor:
+    def forward(self, feat: torch.Tensor, pos: torch.Tensor, type_embedding: torch.Tensor,
+                masked: torch.Tensor | None = None) -> torch.Tensor:
+        """``masked`` [B, M] (optional): regions whose feature is replaced by the learned mask feature."""
         dtype = self.img_linear.weight.dtype
-        x = (self.img_norm(self.img_linear(feat.to(dtype))) + self.pos_norm(self.pos_linear(pos.to(dtype)))
+        feat = feat.to(dtype)
+        if masked is not None:
+            feat = torch.where(masked.bool().unsqueeze(-1), self.mask_feature.to(dtype), feat)
+        x = (self.img_norm(self.img_linear(feat)) + self.pos_norm(self.pos_linear(pos.to(dtype)))
              + type_embedding)
         return self.dropout(self.norm(x))

@@ -90,9 +90,11 @@ class RetrievalModel(nn.Module):
 
     # ---- transformer ------------------------------------------------------------------------------
     def forward(self, batch: Batch, image_tokens: ImageTokens | None = None,
-                attn_logit_layers: list[int] | None = None) -> EncoderOutput:
+                attn_logit_layers: list[int] | None = None, masked_regions: torch.Tensor | None = None
+                ) -> EncoderOutput:
         """Text-only if the batch has no image inputs (and no image_tokens), image-only if it has no
-        `input_ids`. A side of batch size 1 is broadcast to the other side's batch size."""
+        `input_ids`. A side of batch size 1 is broadcast to the other side's batch size.
+        ``masked_regions`` [B, M] bool: image tokens whose input feature is masked (MRFR)."""
         tokens = self._image_tokens(batch, image_tokens)
         has_text = "input_ids" in batch
         if not has_text and tokens is None:
@@ -111,8 +113,10 @@ class RetrievalModel(nn.Module):
             word_masks.append(word_mask_of(text_mask))
             region_masks.append(torch.zeros_like(text_mask))
         if tokens is not None:
-            tokens = tokens.expand(size) if tokens.mask.shape[0] != size else tokens
-            parts.append(self.img_embeddings(tokens.feat, tokens.pos, self.embeddings.image_type()))
+            if tokens.mask.shape[0] != size:
+                tokens = tokens.expand(size)
+                masked_regions = None if masked_regions is None else masked_regions.expand(size, -1)
+            parts.append(self.img_embeddings(tokens.feat, tokens.pos, self.embeddings.image_type(), masked_regions))
             masks.append(tokens.mask)
             word_masks.append(torch.zeros_like(tokens.mask))
             region_masks.append(tokens.mask)

@@ -40,7 +40,7 @@ _RULES = [
 ]
 _RULES = [(re.compile(pattern + "$"), target) for pattern, target in _RULES]
 # pretraining-only parts we have no use for (MRM heads; the decoder is tied to the word embeddings)
-_IGNORED = re.compile(r"(uniter\.img_embeddings\.mask_embedding\.|cls\.predictions\.decoder\.|feat_regress\.|"
+_IGNORED = re.compile(r"(cls\.predictions\.decoder\.|feat_regress\.|"
                       r"region_classifier\.|.*\.num_batches_tracked$)")
 
 
@@ -90,6 +90,9 @@ def map_uniter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """UNITER names -> RetrievalModel names; unknown keys are an error, MRM-only keys are dropped."""
     mapped, unknown = {}, []
     for key, value in state.items():
+        if key == "uniter.img_embeddings.mask_embedding.weight":   # row 0 is the "not masked" zero row
+            mapped["img_embeddings.mask_feature"] = value[1]
+            continue
         for pattern, target in _RULES:
             if pattern.match(key):
                 mapped[pattern.sub(target, key)] = value
@@ -113,7 +116,8 @@ def load_uniter_checkpoint(path_or_state_dict, img_dim: int = 2048) -> Retrieval
     mapped = map_uniter_state(state)
     result = model.load_state_dict(mapped, strict=False)
     backbone_keys = [k for k in result.missing_keys
-                     if not k.startswith(("itc.", "mlm_head.", "mrfr_head.", "itm_head.", "rank_head."))]
+                     if not k.startswith(("itc.", "mlm_head.", "mrfr_head.", "itm_head.", "rank_head."))
+                     and k != "img_embeddings.mask_feature"]
     if backbone_keys:
         raise ConfigError(f"UNITER checkpoint lacks {len(backbone_keys)} weight(s), e.g. {backbone_keys[:3]}")
     if "rank_head.weight" not in mapped and "itm_head.weight" in mapped:

@@ -85,13 +85,11 @@ def mask_regions(region_mask: torch.Tensor, prob: float, generator: torch.Genera
 
 
 def mrfr_loss(module, batch: dict, prob: float, generator: torch.Generator) -> torch.Tensor:
-    """UNITER's masked region feature regression: chosen regions' input features are zeroed and their raw
-    features regressed (MSE) from the output tokens."""
-    from models.image_encoder import ImageTokens
+    """UNITER's masked region feature regression: chosen regions' input features are replaced by the learned
+    mask feature and their raw features regressed (MSE) from the output tokens."""
     tokens = module.encode_image(batch)
     chosen = mask_regions(tokens.mask.cpu().bool(), prob, generator).to(tokens.feat.device)
-    masked = ImageTokens(tokens.feat.masked_fill(chosen.unsqueeze(-1), 0.0), tokens.pos, tokens.mask)
-    out = module(batch, image_tokens=masked, attn_logit_layers=[])
+    out = module(batch, image_tokens=tokens, attn_logit_layers=[], masked_regions=chosen)
     predicted = module.mrfr_predictions(out, chosen)
     return F.mse_loss(predicted.float(), tokens.feat[chosen].detach().float())
 

@@ -10,7 +10,7 @@ from pipeline import distributed as dist_utils
 from pipeline import trainer as T
 from pipeline.config import ExperimentConfig, split_path
 from pipeline.errors import UserError
-from pipeline.pretrain_tasks import choose_task, itc_loss, itm_loss, mlm_loss, mrfr_loss
+from pipeline.pretrain_tasks import TASKS, choose_task, itc_loss, itm_loss, mlm_loss, mrfr_loss
 from pipeline.setup_data import build_model, ensure_data, ensure_tokenizer, loader_config, to_device
 from pipeline.stream import BatchStream
 
@@ -96,7 +96,7 @@ class PretrainJob:
             # every key on every step (zeros for the other tasks) keeps the cross-rank reduction aligned;
             # per-task means are recovered from the *_steps counters
             scalars = {"loss": value, "lr": T.current_lr(engine), "grad_norm": T.grad_norm(engine)}
-            for t in ("mlm", "itm", "itc"):
+            for t in TASKS:
                 scalars[f"{t}_loss_sum"] = value if t == task else 0.0
                 scalars[f"{t}_steps"] = 1.0 if t == task else 0.0
             scalars["itm_acc_sum"] = extra.get("itm_acc", 0.0)
@@ -125,7 +125,7 @@ class PretrainJob:
         reasons = sorted(set().union(*dist_utils.all_gather_object(sorted(skipped))))
         raw = window.flush({r: skipped.get(r, 0) for r in reasons})
         values = {k: v for k, v in raw.items() if not k.endswith(("_sum", "_steps"))}
-        for t in ("mlm", "itm", "itc"):
+        for t in TASKS:
             if raw.get(f"{t}_steps", 0) > 0:
                 values[f"{t}_loss"] = raw[f"{t}_loss_sum"] / raw[f"{t}_steps"]
         for t in ("itm", "itc"):

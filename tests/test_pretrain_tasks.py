@@ -25,6 +25,10 @@ def test_mrfr_regresses_the_masked_region_features():
         loss.backward()
         if step == 0:
             assert model.mrfr_head.out.weight.grad.abs().sum() > 0
+            # masked inputs are a learned vector, not zeros (a zero feature meets img_norm with zero variance
+            # and its gradient explodes by 1/sqrt(eps))
+            assert model.img_embeddings.mask_feature.grad.abs().sum() > 0
+            assert model.img_embeddings.img_linear.bias.grad.norm() < 100
         opt.step()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))

@@ -123,6 +123,9 @@ def test_imported_model_scores_like_uniter(old_names):
     assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads) == (HIDDEN, LAYERS, HEADS)
     assert (cfg.intermediate_size, cfg.vocab_size, cfg.max_text_len) == (FFN, VOCAB, MAXPOS)
     assert (cfg.image.mode, cfg.image.feat_dim) == ("features", IMG_DIM)
+    # UNITER masks a region by zeroing its feature and adding mask_embedding row 1: our learned mask feature
+    mask_rows = state["uniter.img_embeddings.mask_embedding.weight"]
+    assert torch.equal(model.img_embeddings.mask_feature.data, mask_rows[1])
     batch, text_lens, region_counts = padded_inputs()
     with torch.no_grad():
         ours = model.score(batch)
