@@ -261,3 +261,27 @@ def test_cli_loads_a_deepspeed_stage0_checkpoint_and_reports_bad_input(assets, t
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "missing" in bad.stderr
     with pytest.raises(UserError, match="two_stage_k"):
         EvalConfig(two_stage_k=0)
+
+
+@pytest.mark.slow
+def test_cli_under_the_deepspeed_launcher_matches_plain_python(assets, tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["--model", str(assets["model_dir"]), "--shards", assets["test"], "--k", "3", "--pictures", "0",
+              "--threads", "1", "--quiet", "--score-batch", "64"]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1")
+    env.pop("MLFLOW_RUN_ID", None)
+    launched = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+                               str(port), "launch/evaluate.py", *common, "--out", str(tmp_path / "ds")],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, (launched.stdout + launched.stderr)[-3000:]
+    plain = _cli(*common, "--out", str(tmp_path / "plain"))
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    two = json.loads((tmp_path / "ds" / "results.json").read_text())
+    one = json.loads((tmp_path / "plain" / "results.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    for key in ("txt_r1", "txt_r5", "img_r1", "img_r5", "rsum", "two_stage_rsum", "wino_text", "wino_group"):
+        assert two["metrics"][key] == one["metrics"][key], key
+    assert two["metrics"]["isd_singular_L"] == pytest.approx(one["metrics"]["isd_singular_L"], rel=1e-4)
