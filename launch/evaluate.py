@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="pairs per cross-encoder forward (default %(default)s)")
     p.add_argument("--encode-batch", type=int, default=64,
                    help="images/texts per encoder call (default %(default)s)")
+    p.add_argument("--image-block", type=int, default=1024,
+                   help="full retrieval: images whose backbone tokens are held at once per rank, bounding "
+                        "memory (default %(default)s)")
     p.add_argument("--no-full", action="store_true",
                    help="skip full N x M retrieval (recalls from two-stage)")
     p.add_argument("--no-two-stage", action="store_true", help="skip two-stage retrieval")
@@ -79,7 +82,7 @@ def eval_config(args: argparse.Namespace):
     split = [x.strip() for x in args.isd_alignments.split(",") if x.strip()]
     sides = [x.strip() for x in args.isd_sides.split(",") if x.strip()]
     return EvalConfig(full=not args.no_full, two_stage=not args.no_two_stage, score_batch=args.score_batch,
-                      encode_batch=args.encode_batch, two_stage_k=args.k, two_stage_k_texts=args.k_texts,
+                      encode_batch=args.encode_batch, image_block=args.image_block, two_stage_k=args.k, two_stage_k_texts=args.k_texts,
                       isd_alignments=tuple(split) if not args.no_isd else (), isd_sides=tuple(sides),
                       isd_layer=args.isd_layer, isd_max_pairs=args.isd_max_pairs or None,
                       winoground=not args.no_winoground, pictures=args.pictures, progress=not args.quiet)

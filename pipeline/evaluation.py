@@ -35,7 +35,8 @@ class EvalConfig:
     """What to evaluate and with which batch sizes.
 
     score_batch: (text, image) pairs per cross-encoder forward. encode_batch: images per
-    encode_image call and texts/images per ITC embedding call. two_stage_k: images shortlisted per
+    encode_image call and texts/images per ITC embedding call. image_block: images whose backbone
+    tokens a rank holds at once in full retrieval (bounds memory; each image is still encoded once). two_stage_k: images shortlisted per
     text query by the ITC dual encoder (16 demo, 128 as ALBEF on Flickr30k); two_stage_k_texts:
     texts shortlisted per image query (None: the same k, as ALBEF). isd_max_pairs: matched pairs
     used for ISD/ISDa (evenly spaced over the captions; None = all). pictures: how many pairs /
@@ -46,6 +47,7 @@ class EvalConfig:
     two_stage: bool = True
     score_batch: int = 128
     encode_batch: int = 64
+    image_block: int = 1024
     two_stage_k: int = 16
     two_stage_k_texts: int | None = None
     isd_alignments: tuple[str, ...] = ALIGNMENTS
@@ -57,7 +59,7 @@ class EvalConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("score_batch", "encode_batch", "two_stage_k"):
+        for name in ("score_batch", "encode_batch", "image_block", "two_stage_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"eval.{name}={value!r}: give a positive int")
@@ -259,37 +261,45 @@ def _sync_time() -> float:
 def full_retrieval(model, data: EvalData, cfg: EvalConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """Score every (text, image) pair -> ([n_texts, n_images] matrix, stats with time and pairs/s).
 
-    Each rank scores every caption against its own slice of the images; pairs are enumerated on the fly
-    (never materialised: COCO's 25k x 5k would be 125M pairs) and the slices' columns are gathered.
+    Each rank scores every caption against its own slice of the images, ``cfg.image_block`` images at a
+    time (only their tokens are held); pairs are enumerated on the fly (never materialised: COCO's
+    25k x 5k would be 125M pairs) and the slices' columns are gathered.
     """
     t0 = _sync_time()
     world, r = _world_rank()
     image_order = _image_order(data)
     per = math.ceil(data.n_images / world)
-    mine = image_order[r * per:(r + 1) * per]
-    encoded = mine if mine.numel() else image_order[:1]   # a rank without images makes dummy calls
-    tokens = encode_images(model, data, encoded, max(1, math.ceil(per / cfg.encode_batch)), cfg.encode_batch)
-    local = _score_captions_against(model, data, tokens, encoded, per, cfg)
-    columns = _gather_rows(local[:, :mine.numel()].T.contiguous(), per)[:data.n_images]   # [n_images, n_texts]
+    slices = [image_order[q * per:(q + 1) * per] for q in range(world)]
+    block = cfg.image_block
+    bar = tqdm(total=data.n_texts * slices[r].numel(), desc="full retrieval", leave=False, unit="pair",
+               disable=not (cfg.progress and r == 0))
+    columns = []
+    for start in range(0, max(1, per), block):
+        images = slices[r][start:start + block]
+        widest = max(x[start:start + block].numel() for x in slices)   # the block size on the fullest rank
+        encoded = images if images.numel() else image_order[:1]   # a rank without images makes dummy calls
+        tokens = encode_images(model, data, encoded, max(1, math.ceil(widest / cfg.encode_batch)), cfg.encode_batch)
+        columns.append(_score_captions_against(model, data, tokens, encoded, widest, cfg, bar)[:, :images.numel()])
+        del tokens
+    bar.close()
+    local = torch.cat(columns, dim=1)   # [n_texts, this rank's images]
+    gathered = _gather_rows(local.T.contiguous(), per)[:data.n_images]   # [n_images, n_texts]
     scores = torch.empty(data.n_texts, data.n_images, dtype=torch.float32)
-    scores[:, image_order] = columns.T.cpu()
+    scores[:, image_order] = gathered.T.cpu()
     seconds = _sync_time() - t0
     n_pairs = data.n_texts * data.n_images
     return scores, {"full_seconds": seconds, "full_pairs_per_s": n_pairs / max(seconds, 1e-9)}
 
 
-def _score_captions_against(model, data: EvalData, tokens: ImageTokens, images: torch.Tensor, per: int,
-                            cfg: EvalConfig) -> torch.Tensor:
+def _score_captions_against(model, data: EvalData, tokens: ImageTokens, images: torch.Tensor, widest: int,
+                            cfg: EvalConfig, bar) -> torch.Tensor:
     """Scores [n_texts, m] of every caption against the m ``images`` whose tokens are ``tokens``; exactly
-    ceil(n_texts * per / score_batch) model calls on every rank (the surplus repeats the first batch)."""
+    ceil(n_texts * widest / score_batch) model calls on every rank (the surplus repeats the first batch)."""
     captions = torch.argsort(data.text_lengths(), stable=True)
     m = images.numel()
     n = data.n_texts * m
     out = torch.empty(n, dtype=torch.float32)
-    calls = max(1, math.ceil(data.n_texts * per / cfg.score_batch))
-    bar = tqdm(total=n, desc="full retrieval", disable=not (cfg.progress and _world_rank()[1] == 0),
-               leave=False, unit="pair")
-    for c in range(calls):
+    for c in range(max(1, math.ceil(data.n_texts * widest / cfg.score_batch))):
         pos = torch.arange(c * cfg.score_batch, min(n, (c + 1) * cfg.score_batch))
         real = pos.numel() > 0
         if not real:
@@ -299,7 +309,6 @@ def _score_captions_against(model, data: EvalData, tokens: ImageTokens, images: 
         if real:
             out[pos] = scores.cpu()
             bar.update(pos.numel())
-    bar.close()
     result = torch.empty(data.n_texts, m, dtype=torch.float32)
     result[captions] = out.view(data.n_texts, m)
     return result

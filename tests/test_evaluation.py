@@ -84,6 +84,10 @@ def test_full_retrieval_equals_pairwise_scores_and_encodes_each_image_once(asset
     with torch.no_grad():
         scores, stats = full_retrieval(model, data, cfg())
         assert enc[1] == data.n_images  # backbone once per image, not per pair
+        enc[1] = 0
+        blocked, _ = full_retrieval(model, data, cfg(image_block=3))   # tokens of 3 images held at a time
+        assert enc[1] == data.n_images
+        torch.testing.assert_close(blocked, scores, atol=1e-5, rtol=1e-5)
         caps = torch.tensor([0, 7, 23, 39])
         for c in caps.tolist():
             batch = {k: v for k, v in data.text_inputs(torch.tensor([c])).items()}
@@ -184,8 +188,9 @@ def _rank_worker(rank: int, world: int, init_file: str, model_dir: str, data: Ev
     enc, fwd = count_calls(model.image_encoder), count_calls(model.encoder)
     result = evaluate(model, data, cfg(two_stage_k=3))
     calls = (enc[0], fwd[0])
-    with torch.no_grad():   # 7 images: rank 1 holds 3, one fewer than rank 0, and pads with dummy calls
-        uneven, _ = full_retrieval(model, data.subset(max_images=7), cfg())
+    enc[0] = fwd[0] = 0
+    with torch.no_grad():   # 7 images in blocks of 3: rank 0 holds 3 + 1, rank 1 holds 3 and pads with dummy calls
+        uneven, _ = full_retrieval(model, data.subset(max_images=7), cfg(image_block=3))
     torch.save({"metrics": result.metrics, "scores": result.scores, "t2i": result.two_stage_scores[0],
                 "calls": calls, "uneven": uneven, "uneven_calls": (enc[0], fwd[0])}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
