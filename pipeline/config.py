@@ -192,6 +192,8 @@ def _convert(value: Any, tp, where: str):
         return _build(tp, value, where)
     if _is_union(tp):
         real = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(real) < len(typing.get_args(tp)):   # null for an Optional: None, not X()
+            return None
         if value is not None and len(real) == 1:   # Optional[X]: X's own, more precise error
             return _convert(value, real[0], where)
         for arg in typing.get_args(tp):

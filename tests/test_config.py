@@ -98,6 +98,16 @@ def test_overrides_are_yaml_typed():
     assert cfg.train.lr == 5e-5 and cfg.tracking.enabled is False
 
 
+def test_null_unsets_an_optional_section(tmp_path):
+    demo = REPO / "launch" / "configs" / "demo_tiny.yaml"
+    assert load_config(demo).data.synthetic is not None
+    assert load_config(demo, ["data.synthetic=null", "data.root=shards"]).data.synthetic is None
+    path = tmp_path / "exp.yaml"
+    path.write_text("data:\n  synthetic: null\n  train: shards/train\ntracking:\n")
+    cfg = load_config(path)
+    assert cfg.data.synthetic is None and cfg.tracking.enabled   # an empty required section keeps its defaults
+
+
 def test_auto_values_fill_each_other():
     cfg = _cfg("train.micro_batch_size=16", "train.lr=0.001", "train.warmup_steps=10", "train.steps=100")
     ds = resolve_ds_config(read_ds_config(ZERO2), cfg, world_size=2, accelerator="cpu")

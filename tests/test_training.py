@@ -227,3 +227,59 @@ def test_pretrain_in_roi_mode_runs_mrfr(tiny_data, tmp_path):
     assert all(r["grad_norm"] < 1e3 for r in rows)   # masked regions once made it ~1e5 (zero input under LN)
     from models import RetrievalModel
     assert RetrievalModel.from_pretrained(run_dir / "model").config.image.mode == "roi"
+
+
+def _karpathy_with_features(root: Path, feat_dim: int) -> Path:
+    """A Karpathy-format dataset (24 train / 6 val / 6 test images, 2 captions each) with one region-feature
+    .npz per image, turned into shards by the real make_shards CLI."""
+    import numpy as np
+    from PIL import Image
+    colours = {"red": (200, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 200), "yellow": (220, 220, 20)}
+    shapes = ("square", "circle", "triangle")
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "feats").mkdir()
+    entries = []
+    for k in range(36):
+        colour, shape = list(colours)[k % 4], shapes[k % 3]
+        Image.new("RGB", (40, 30), colours[colour]).save(root / "images" / f"im{k}.jpg")
+        np.savez(root / "feats" / f"im{k}.npz", features=rng.normal(size=(3, feat_dim)).astype(np.float32),
+                 boxes=np.array([[0, 0, 20, 15], [20, 0, 40, 15], [5, 10, 35, 30]], np.float32),
+                 image_size=np.array([40, 30]))
+        split = "train" if k < 24 else ("val" if k < 30 else "test")
+        entries.append({"filename": f"im{k}.jpg", "split": split,
+                        "sentences": [{"raw": f"a {colour} {shape} on a plain background"},
+                                      {"raw": f"the {shape} is {colour} number {k}"}]})
+    (root / "karpathy.json").write_text(json.dumps({"images": entries}))
+    proc = subprocess.run([sys.executable, "launch/make_shards.py", "karpathy", "--json", str(root / "karpathy.json"),
+                           "--images", str(root / "images"), "--features", str(root / "feats"),
+                           "--out", str(root / "shards"), "--max-samples", "8", "--quiet"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "shards"
+
+
+@pytest.mark.slow
+def test_region_features_from_karpathy_shards_finetune_and_evaluate(tmp_path):
+    shards = _karpathy_with_features(tmp_path / "data", feat_dim=16)
+    run_dir = tmp_path / "ft_features"
+    model = TINY_MODEL.replace("init_std: 0.1}", "init_std: 0.1, image: {feat_dim: 16, backbone: null}}")
+    sets = [f"data.root={shards}", "data.synthetic=null", "data.image_mode=features", "data.max_regions=3",
+            "data.vocab_size=60", "data.max_text_len=24", "data.num_workers=0", "data.shuffle_buffer=8", model,
+            f"run_dir={run_dir}", "train.steps=3", "train.micro_batch_size=4", "train.warmup_steps=1",
+            "train.log_every=1", "train.threads=1", "finetune.negative_size=3", "finetune.hard_size=1",
+            "finetune.pool_size=16", "tracking.enabled=false", "eval.two_stage=true", "eval.two_stage_k=2"]
+    launch("finetune", "zero2", sets, nprocs=1)
+    live = json.loads((run_dir / "test_metrics.json").read_text())
+    assert {"rsum", "two_stage_rsum", "isd_singular_L"} <= set(live)
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, "launch/evaluate.py", "--model", str(run_dir / "model"), "--shards",
+                           str(shards / "test"), "--max-regions", "3", "--k", "2", "--out", str(out),
+                           "--pictures", "1", "--threads", "1", "--quiet"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["images"] == 6 and results["captions"] == 12
+    for key in ("txt_r1", "img_r5", "rsum", "two_stage_rsum"):
+        assert results["metrics"][key] == live[key], key
+    assert list((out / "pictures").glob("top5_text_query_*.png"))
