@@ -54,8 +54,9 @@ def common_sets(tiny_data: dict, run_dir: Path, uri: str | None, steps: int = 4)
 
 
 def launch(stage: str, zero: str, sets: list[str], nprocs: int = 2, timeout: int = 400) -> str:
+    ds_config = zero if zero.endswith(".json") else f"ds_configs/{zero}.json"
     cmd = [str(DEEPSPEED), "--num_gpus", str(nprocs), "--master_port", str(_free_port()),
-           f"launch/{stage}.py", "--deepspeed_config", f"ds_configs/{zero}.json"]
+           f"launch/{stage}.py", "--deepspeed_config", ds_config]
     for s in sets:
         cmd += ["--set", s]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
@@ -283,3 +284,21 @@ def test_region_features_from_karpathy_shards_finetune_and_evaluate(tmp_path):
     for key in ("txt_r1", "img_r5", "rsum", "two_stage_rsum"):
         assert results["metrics"][key] == live[key], key
     assert list((out / "pictures").glob("top5_text_query_*.png"))
+
+
+@pytest.mark.slow
+def test_pretrain_mixes_weighted_sources_with_gradient_accumulation(tiny_data, tmp_path):
+    ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    ds["gradient_accumulation_steps"] = 2
+    (tmp_path / "zero2_accum2.json").write_text(json.dumps(ds))
+    run_dir, root = tmp_path / "pt_sources", tiny_data["root"]
+    sets = common_sets(tiny_data, run_dir, None, steps=4) + [
+        "pretrain.tasks={mlm: 1.0, itm: 1.0, itc: 0.0}", "checkpoint.export=false",
+        f"pretrain.sources=[{{shards: {root / 'train'}, weight: 1.0}}, {{shards: {root / 'val'}, weight: 3.0}}]"]
+    launch("pretrain", str(tmp_path / "zero2_accum2.json"), sets, nprocs=1)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
+    client = torch.load(run_dir / "checkpoints" / "step0000004" / "relalign_rank0.pt", weights_only=False)
+    # batches each source has served: val holds 12 images = 3 batches of 4 per epoch, train 48
+    served = [state["epoch"] * per_epoch + state["batches"] for state, per_epoch in zip(client["loader"], (48, 3))]
+    assert sum(served) == 4 * 2 and min(served) >= 1, client["loader"]   # 4 steps x 2 micro-batches
