@@ -104,6 +104,10 @@ def images_for(model, data: EvalData, idx: torch.Tensor) -> dict[str, torch.Tens
     return data.image_inputs(idx, param.device, param.dtype)
 
 
+def _world_rank() -> tuple[int, int]:
+    return (ddp.world_size(), ddp.rank()) if ddp.is_initialized() else (1, 0)
+
+
 def _slice_bounds(n: int, world: int, r: int) -> tuple[int, int]:
     per = math.ceil(n / world) if n else 0
     return min(n, r * per), min(n, (r + 1) * per)
@@ -131,7 +135,7 @@ def sharded_map(order: torch.Tensor, batch_size: int, fn: Callable[[torch.Tensor
     replaced by a dummy call on ``order[:1]`` whose output is dropped). The result is indexed by
     position in ``order`` (row i belongs to item ``order[i]``), identical on every rank.
     """
-    world, r = ddp.world_size() if ddp.is_initialized() else 1, ddp.rank() if ddp.is_initialized() else 0
+    world, r = _world_rank()
     n = order.numel()
     lo, hi = _slice_bounds(n, world, r)
     per = math.ceil(n / world) if n else 0
@@ -192,10 +196,6 @@ def encode_images(model, data: EvalData, images: torch.Tensor, calls: int, batch
 # (real-token count, index), cut into batches of ``score_batch`` pairs. Text padding is then minimal and the
 # image padding of a batch is trimmed to its widest image; with one rank and every pair, the two paths run
 # identical batches, so two-stage retrieval with k = n_images reproduces full retrieval bit for bit.
-
-def _world_rank() -> tuple[int, int]:
-    return (ddp.world_size(), ddp.rank()) if ddp.is_initialized() else (1, 0)
-
 
 def _image_order(data: EvalData) -> torch.Tensor:
     return torch.argsort(data.region_counts(), stable=True)
