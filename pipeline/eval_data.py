@@ -22,7 +22,6 @@ class EvalData:
     object_centres: per image, the normalised (x, y) centre of each annotated object [k, 2], or None.
     quadruples: relation-swap quadruples as (image0, caption0, image1, caption1) indices.
     token_words: per caption, per token, the index of its whitespace word (-1 specials), or None.
-    thumbnails: uint8 [n, H, W, 3] small images for pictures, or None.
     skipped: unreadable samples left out when the split was read, by reason.
     """
 
@@ -35,7 +34,6 @@ class EvalData:
     object_centres: list[torch.Tensor] | None = None
     quadruples: list[tuple[int, int, int, int]] = field(default_factory=list)
     token_words: list[list[int]] | None = None
-    thumbnails: torch.Tensor | None = None
     skipped: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -78,6 +76,17 @@ class EvalData:
         mask = torch.arange(width)[None, :] < lengths[:, None]
         return {"input_ids": self._ids[idx, :width].to(device, non_blocking=True),
                 "text_mask": mask.to(device, non_blocking=True)}
+
+    def image_rows(self) -> dict[str, int]:
+        """Image key -> image row."""
+        return {key: i for i, key in enumerate(self.image_keys)}
+
+    def caption_rows(self) -> dict[tuple[int, str], int]:
+        """(image row, caption text) -> the first caption row of that image with that text."""
+        rows: dict[tuple[int, str], int] = {}
+        for c, (image, text) in enumerate(zip(self.text_to_image.tolist(), self.captions)):
+            rows.setdefault((image, text), c)
+        return rows
 
     def token_object_rows(self, idx: torch.Tensor, width: int) -> torch.Tensor:
         """[len(idx), width] annotated object index of each token (-1 none) for captions ``idx``."""
@@ -122,8 +131,7 @@ class EvalData:
                        caption_ids=rows(self.caption_ids), text_to_image=self.text_to_image[caps],
                        captions=rows(self.captions) if self.captions else [],
                        token_objects=rows(self.token_objects), token_words=rows(self.token_words),
-                       object_centres=None if self.object_centres is None else self.object_centres[:n],
-                       thumbnails=None if self.thumbnails is None else self.thumbnails[:n], quadruples=[])
+                       object_centres=None if self.object_centres is None else self.object_centres[:n], quadruples=[])
 
     def with_captions(self, texts: list[str], image_of: list[int], tokenizer, max_len: int) -> "EvalData":
         """A copy with captions appended (e.g. user quadruples' text not present in the split)."""

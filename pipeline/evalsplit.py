@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 import webdataset as wds
 
 from pipeline.decode import (BadSample, captions_of, collate_image, decode_image_part, encode_caption, parse_meta,
@@ -23,16 +22,13 @@ def _quadruple_rows(path: Path, data: EvalData) -> list[tuple[int, int, int, int
     except (OSError, ValueError, AssertionError) as exc:
         raise UserError(f"{path}: unreadable quadruples ({exc!r}); regenerate the synthetic test split") \
             from exc
-    index = {k: i for i, k in enumerate(data.image_keys)}
-    captions_of_image: dict[tuple[int, str], int] = {}
-    for c, (text, image) in enumerate(zip(data.captions, data.text_to_image.tolist())):
-        captions_of_image.setdefault((image, text), c)
+    index, caption_rows = data.image_rows(), data.caption_rows()
     out = []
     for q in quads:
         row = []
         for side in ("0", "1"):
             image = index.get(q.get("image" + side), -1)
-            row += [image, captions_of_image.get((image, q.get("caption" + side)), -1)]
+            row += [image, caption_rows.get((image, q.get("caption" + side)), -1)]
         if min(row) >= 0:
             out.append((row[0], row[1], row[2], row[3]))
     return out

@@ -463,10 +463,7 @@ def resolve_quadruples(data: EvalData, entries: list[dict], tokenizer=None, max_
     A caption found among its image's captions reuses that caption; other caption strings are
     tokenized and appended to a copy of ``data`` (the original is left untouched).
     """
-    index = {key: i for i, key in enumerate(data.image_keys)}
-    by_image: dict[tuple[int, str], int] = {}
-    for c, (img, text) in enumerate(zip(data.text_to_image.tolist(), data.captions)):
-        by_image.setdefault((img, text), c)
+    index, by_image = data.image_rows(), data.caption_rows()
     quads, extra_text, extra_image = [], [], []
     for n, entry in enumerate(entries):
         fields = ("image0", "caption0", "image1", "caption1")

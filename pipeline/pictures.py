@@ -1,7 +1,7 @@
 """PNG pictures of an evaluation: attention vs pseudo attention, and top-5 retrieved items.
 
-The block attentions here are a one-sample restatement of DESIGN.md ("IAIS and ISD") for display
-only; the metrics themselves come from ``models.iais``.
+The attention and pseudo maps come from ``models.iais.attention_maps`` (DESIGN.md "IAIS and ISD"), the
+same maths as the metrics.
 """
 from __future__ import annotations
 
@@ -40,8 +40,6 @@ def token_labels(data: EvalData, caption: int) -> list[str]:
 
 def thumbnail(data: EvalData, image: int) -> np.ndarray | None:
     """An HxWx3 array in [0, 1] for display, or None (precomputed-feature splits have no pixels)."""
-    if data.thumbnails is not None:
-        return data.thumbnails[image].float().div(255).numpy()
     if "pixels" not in data.images:
         return None
     x = data.images["pixels"][image].float()
