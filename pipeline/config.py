@@ -123,7 +123,6 @@ class PretrainConfig:
     tasks: PretrainTasks = field(default_factory=PretrainTasks)
     mlm_prob: float = 0.15
     mrfr_prob: float = 0.15               # share of regions masked for MRFR
-    itc_temperature: float = 0.07
     sources: list[SourceConfig] = field(default_factory=list)   # empty: data.train with weight 1
 
 

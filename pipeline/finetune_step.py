@@ -131,7 +131,7 @@ class FinetuneStep:
 
     def __call__(self, batch: dict, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         ft, module = self.ft, self.module
-        b, k = batch["input_ids"].shape[0], ft.hard_size
+        b = batch["input_ids"].shape[0]
         hard_img, hard_txt = self.mine(batch, step, generator)
         n_img, n_txt = hard_img.shape[1], hard_txt.shape[1]
         images = {key: pad_cat([batch[key].cpu(), v]) for key, v in

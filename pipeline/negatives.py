@@ -7,7 +7,7 @@ content is a pure function of the loader position, so a resumed run refills it b
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -125,9 +125,3 @@ def candidate_valid(anchor_ids: torch.Tensor, cand_ids: torch.Tensor) -> torch.T
     """[A, C]: candidate c may serve as a negative of anchor a (a different image id)."""
     return anchor_ids.unsqueeze(1) != cand_ids.unsqueeze(0)
 
-
-def optional_generator_choice(n_valid_min: int, hard_size: int) -> Optional[str]:
-    if n_valid_min < hard_size:
-        return (f"the candidate pool has only {n_valid_min} candidates with another image id for some anchor "
-                f"(hard_size {hard_size}); raise finetune.pool_size / negative_size or the batch size")
-    return None

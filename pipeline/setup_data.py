@@ -4,11 +4,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from pipeline.config import DEFAULT_CACHE, ExperimentConfig, data_root, resolve_path, split_path
+from pipeline.config import DEFAULT_CACHE, ExperimentConfig, data_root, resolve_path
 from pipeline.errors import UserError
 
 
@@ -91,10 +90,6 @@ def loader_config(cfg: ExperimentConfig, shards: str, model, batch_size: int, se
     if d.image_mode != "features" and backbone:
         return LoaderConfig.for_model(backbone, **kw)
     return LoaderConfig(**kw)
-
-
-def eval_shards(cfg: ExperimentConfig, split: str) -> Optional[str]:
-    return split_path(cfg, split)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -18,7 +18,6 @@ class BatchStream:
         self.loader = StreamingLoader(cfg, tokenizer, rank, world_size, epoch=state["epoch"],
                                       start_batch=state["batches"])
         self._it: Optional[Iterator] = None
-        self._skipped_before: dict[str, int] = {}
 
     def state(self) -> dict:
         return self.loader.state()

@@ -165,9 +165,6 @@ class Tracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         pass
 
-    def log_metric(self, key: str, value: float, step: int) -> None:
-        self.log_metrics({key: value}, step)
-
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         pass
 

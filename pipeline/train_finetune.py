@@ -95,13 +95,10 @@ class FinetuneJob:
         bar.close()
 
     def log_window(self, window: T.MetricWindow, bar) -> None:
-        skipped = self.stream.skipped
-        reasons = sorted(set().union(*dist_utils.all_gather_object(sorted(skipped))))
-        values = window.flush({r: skipped.get(r, 0) for r in reasons})
+        values = window.flush(self.stream.skipped)
         T.finite_or_raise({k: v for k, v in values.items() if k != "grad_norm"}, self.step)
         self.tracker.log_metrics(values, self.step)
         T.append_jsonl(self.run, {"step": self.step, **values})
-        self.last_metrics = values
         bar.set_postfix(loss=f"{values['loss']:.4f}", samples_per_s=f"{values['samples_per_s']:.1f}")
 
     def save(self) -> str:

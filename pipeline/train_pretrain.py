@@ -14,9 +14,6 @@ from pipeline.pretrain_tasks import TASKS, choose_task, itc_loss, itm_loss, mlm_
 from pipeline.setup_data import build_model, ensure_data, ensure_tokenizer, loader_config, to_device
 from pipeline.stream import BatchStream
 
-LOSS_KEYS = ("loss", "mlm_loss", "itm_loss", "itc_loss", "itm_acc", "itc_acc")
-
-
 def sources(cfg: ExperimentConfig) -> list[tuple[str, float]]:
     if cfg.pretrain.sources:
         return [(s.shards, s.weight) for s in cfg.pretrain.sources]
@@ -122,8 +119,7 @@ class PretrainJob:
         for s in self.streams:
             for k, v in s.skipped.items():
                 skipped[k] = skipped.get(k, 0) + v
-        reasons = sorted(set().union(*dist_utils.all_gather_object(sorted(skipped))))
-        raw = window.flush({r: skipped.get(r, 0) for r in reasons})
+        raw = window.flush(skipped)
         values = {k: v for k, v in raw.items() if not k.endswith(("_sum", "_steps"))}
         for t in TASKS:
             if raw.get(f"{t}_steps", 0) > 0:
