@@ -107,8 +107,8 @@ def _model_config_file(model_dir: Path, given: str | None) -> Path:
 
 def load_model(path: str, model_config: str | None = None, tag: str | None = None):
     """RetrievalModel from a save_pretrained directory or a DeepSpeed checkpoint directory (fp32)."""
-    import torch
     from models import ModelConfig, RetrievalModel
+    from pipeline.trainer import checkpoint_state_dict
     model_dir = Path(path)
     if (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file():
         return RetrievalModel.from_pretrained(model_dir)
@@ -116,17 +116,9 @@ def load_model(path: str, model_config: str | None = None, tag: str | None = Non
         raise UserError(f"--model {path}: neither a save_pretrained directory (config.json + "
                         "model.safetensors) nor a DeepSpeed checkpoint directory (with a 'latest' file)")
     config = ModelConfig.from_dict(json.loads(_model_config_file(model_dir, model_config).read_text()))
-    tag = tag or (model_dir / "latest").read_text().strip()
-    stage0 = model_dir / tag / "mp_rank_00_model_states.pt"
-    if any((model_dir / tag).glob("*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        state = get_fp32_state_dict_from_zero_checkpoint(str(model_dir), tag=tag)
-    elif stage0.is_file():
-        state = torch.load(stage0, map_location="cpu", weights_only=False)["module"]
-    else:
-        raise UserError(f"--model {path}: checkpoint tag {tag!r} has no model states")
+    state = checkpoint_state_dict(model_dir, tag)
     model = RetrievalModel(config, load_backbone_weights=False)
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"mlm_head.decoder.weight"}:
         raise UserError(f"--model {path}: checkpoint does not match the model config (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}); pass the right --model-config")

@@ -71,8 +71,8 @@ def build_model(cfg: ExperimentConfig, vocab_size: int):
 
 def _state_dict_from(path: Path) -> dict:
     if path.is_dir() and (path / "latest").is_file():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        return get_fp32_state_dict_from_zero_checkpoint(str(path))
+        from pipeline.trainer import checkpoint_state_dict
+        return checkpoint_state_dict(path)
     if path.is_file() and path.suffix in (".pt", ".bin"):
         from models import load_uniter_checkpoint   # UNITER/IAIS-format checkpoints
         return load_uniter_checkpoint(str(path)).state_dict()

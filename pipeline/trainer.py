@@ -256,20 +256,33 @@ def load_checkpoint(engine, run: Run, path: Path) -> dict:
 
 # ----------------------------------------------------------------------------- export
 
-def consolidated_state_dict(engine, run: Run, tag: str) -> Optional[dict]:
-    """fp32 full state dict on rank 0 (None elsewhere), from the DeepSpeed checkpoint ``tag``.
+def checkpoint_state_dict(ckpt_dir: Path, tag: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """fp32 model weights of the DeepSpeed checkpoint ``ckpt_dir/tag`` (default: the one ``latest`` names).
 
-    ZeRO 1-3: DeepSpeed's zero_to_fp32 reads the fp32 master partitions of the saved checkpoint, which is
+    ZeRO 1-3 (partitioned optimizer files): DeepSpeed's zero_to_fp32 reads the fp32 master partitions,
     exact in fp32 and bf16 runs alike (the live ZeRO-3 "16bit" gather would return bf16 weights under bf16).
+    Stage 0: the module weights of its model-states file (our own file).
     """
+    ckpt_dir = Path(ckpt_dir)
+    if tag is None:
+        if not (ckpt_dir / "latest").is_file():
+            raise UserError(f"{ckpt_dir}: not a DeepSpeed checkpoint directory (no 'latest' file)")
+        tag = (ckpt_dir / "latest").read_text().strip()
+    tag_dir = ckpt_dir / tag
+    if any(tag_dir.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    stage0 = tag_dir / "mp_rank_00_model_states.pt"
+    if not stage0.is_file():
+        raise UserError(f"DeepSpeed checkpoint {tag_dir} has no model states")
+    saved = torch.load(stage0, map_location="cpu", weights_only=False)
+    return {k: v.detach().float() for k, v in saved["module"].items()}
+
+
+def consolidated_state_dict(engine, run: Run, tag: str) -> Optional[dict]:
+    """fp32 full state dict on rank 0 (None elsewhere), from the DeepSpeed checkpoint ``tag``."""
     dist_utils.barrier()
-    if not run.is_main:
-        return None
-    if zero_stage(run) == 0:
-        saved = torch.load(run.ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {k: v.detach().float() for k, v in saved["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    return get_fp32_state_dict_from_zero_checkpoint(str(run.ckpt_dir), tag=tag)
+    return checkpoint_state_dict(run.ckpt_dir, tag) if run.is_main else None
 
 
 def export_pretrained(engine, run: Run, tag: str, out_dir: Path, tokenizer_path: Optional[Path]) -> Optional[Path]:
