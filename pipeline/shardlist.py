@@ -90,14 +90,9 @@ def iter_shard_captions(spec: str) -> Iterator[str]:
 
 
 def _captions_of(sample: dict[str, bytes]) -> list[str]:
+    """The sample's captions by the loader's own rules; none for a sample the loader would skip."""
+    from pipeline.decode import BadSample, captions_of, parse_meta
     try:
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        caps = meta.get("captions") if isinstance(meta, dict) else None
-        if isinstance(caps, list) and caps:
-            return [c for c in caps if isinstance(c, str) and c.strip()]
-        if isinstance(meta, dict) and isinstance(meta.get("caption"), str) and meta["caption"].strip():
-            return [meta["caption"]]
-        text = sample.get("txt", b"").decode("utf-8").strip()
-        return [text] if text else []
-    except (ValueError, UnicodeDecodeError):
+        return captions_of(sample, parse_meta(sample))
+    except BadSample:
         return []

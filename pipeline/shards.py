@@ -10,10 +10,8 @@ import io
 import json
 import os
 import re
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from tqdm import tqdm
 
@@ -244,49 +242,3 @@ def shard_paths(path_or_dir: str | Path) -> list[Path]:
     """Absolute paths of the shards a manifest lists, in order."""
     path = manifest_path(path_or_dir)
     return [path.parent / s["url"] for s in read_manifest(path)["shards"]]
-
-
-def iter_captions(split_dir: str | Path) -> Iterator[str]:
-    """Every caption of a split, read from the ``json`` (else ``txt``) members without decoding images.
-
-    ``split_dir`` is a split directory (or manifest path); without a manifest every ``*.tar`` in the
-    directory is read in name order, so img2dataset output works too.
-    """
-    split_dir = Path(split_dir)
-    if manifest_path(split_dir).is_file():
-        tars = shard_paths(split_dir)
-    else:
-        tars = sorted(split_dir.glob("*.tar")) if split_dir.is_dir() else [split_dir]
-    for tar in tars:
-        yield from _tar_captions(tar)
-
-
-def _tar_captions(tar_path: Path) -> Iterator[str]:
-    key, from_json, from_txt = None, None, None
-    try:
-        with tarfile.open(tar_path, "r|*") as tar:
-            for member in tar:
-                base, _, ext = member.name.rpartition("/")[2].partition(".")
-                if base != key:
-                    yield from from_json or from_txt or ()
-                    key, from_json, from_txt = base, None, None
-                if ext == "json":
-                    from_json = _json_captions(tar.extractfile(member).read())
-                elif ext == "txt":
-                    text = tar.extractfile(member).read().decode("utf-8", "replace").strip()
-                    from_txt = [text] if text else None
-    except (tarfile.TarError, EOFError):
-        pass  # a truncated shard ends its captions early, like the loader does
-    yield from from_json or from_txt or ()
-
-
-def _json_captions(raw: bytes) -> list[str] | None:
-    try:
-        meta = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    captions = meta.get("captions") if isinstance(meta, dict) else None
-    if isinstance(captions, list):
-        return [c for c in captions if isinstance(c, str) and c.strip()] or None
-    caption = meta.get("caption") if isinstance(meta, dict) else None
-    return [caption] if isinstance(caption, str) and caption.strip() else None

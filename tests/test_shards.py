@@ -14,9 +14,10 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import UserError
-from pipeline.shards import Sample, ShardWriter, iter_captions, read_manifest, shard_paths, write_split
+from pipeline.shards import Sample, ShardWriter, read_manifest, shard_paths, write_split
 from pipeline.sources import (ImageOptions, karpathy_entries, karpathy_samples, load_region_features,
                               read_karpathy, read_table, table_samples)
+from pipeline.tokenizer import iter_captions
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "launch"))
@@ -137,7 +138,7 @@ def test_iter_captions_on_img2dataset_layout(tmp_path):
                 info = tarfile.TarInfo(f"{i:09d}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    assert list(iter_captions(tmp_path)) == ["first dog", "only txt", "cat", "a cat"]
+    assert list(iter_captions([tmp_path])) == ["first dog", "only txt", "cat", "a cat"]
 
 
 # --- sources --------------------------------------------------------------------------------------
@@ -264,7 +265,7 @@ def test_csv_tsv_jsonl_tables(tmp_path):
     rows = read_table(tmp_path / "t.jsonl")
     assert rows == [("a.jpg", ["x", "y"]), (str(images / "b.jpg"), ["z"])]
     write_split(table_samples(rows, images, ImageOptions()), tmp_path / "out", "train", progress=False)
-    assert list(iter_captions(tmp_path / "out")) == ["x", "y", "z"]
+    assert list(iter_captions([tmp_path / "out"])) == ["x", "y", "z"]
     (tmp_path / "bad.jsonl").write_text('{"image": "a.jpg", "caption": "ok"}\n{oops\n')
     with pytest.raises(UserError, match="cannot read JSON .*bad.jsonl line 2"):
         read_table(tmp_path / "bad.jsonl")

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import UserError
-from pipeline.shards import iter_captions, read_manifest
+from pipeline.shards import read_manifest
+from pipeline.tokenizer import iter_captions
 from pipeline.synthetic import (PALETTE, SHAPES, SyntheticConfig, build_synthetic_dataset,
                                 ensure_synthetic_dataset, load_synthetic_config)
 
@@ -171,7 +172,7 @@ def test_swap_quadruples_are_valid(root, data):
 
 
 def test_iter_captions_reads_every_caption(root, data):
-    captions = list(iter_captions(root / "train"))
+    captions = list(iter_captions([root / "train"]))
     assert len(captions) == CFG.train * CFG.captions_per_image
     assert captions[:5] == data["train"]["train-00000000"]["meta"]["captions"]
 
