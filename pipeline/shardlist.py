@@ -6,7 +6,6 @@ else from one scan of the tar headers.
 """
 from __future__ import annotations
 
-import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +14,7 @@ from typing import Iterator
 import braceexpand
 
 from pipeline.errors import UserError
-
-MANIFEST = "manifest.json"
+from pipeline.shards import MANIFEST_NAME, read_manifest
 
 
 @dataclass(frozen=True)
@@ -26,13 +24,7 @@ class Shard:
 
 
 def _read_manifest(path: Path) -> list[Shard]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        entries = data["shards"]
-        return [Shard(str((path.parent / e["url"]).resolve()), int(e["samples"])) for e in entries]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"manifest {path}: unreadable ({exc!r}); "
-                        "rewrite the shards with launch/make_shards.py") from exc
+    return [Shard(str((path.parent / e["url"]).resolve()), e["samples"]) for e in read_manifest(path)["shards"]]
 
 
 def count_samples(url: str) -> int:
@@ -52,8 +44,8 @@ def count_samples(url: str) -> int:
 def resolve_shards(spec: str) -> list[Shard]:
     path = Path(spec)
     if path.is_dir():
-        if (path / MANIFEST).is_file():
-            return _read_manifest(path / MANIFEST)
+        if (path / MANIFEST_NAME).is_file():
+            return _read_manifest(path / MANIFEST_NAME)
         urls = sorted(str(p.resolve()) for p in path.glob("*.tar"))
         if not urls:
             raise UserError(f"shards {spec}: directory has no manifest.json and no .tar files")
@@ -67,7 +59,7 @@ def resolve_shards(spec: str) -> list[Shard]:
     if missing:
         raise UserError(f"shards {spec}: {len(missing)} file(s) missing, e.g. {missing[0]}")
     known: dict[str, int] = {}
-    for manifest in {Path(u).parent / MANIFEST for u in urls}:
+    for manifest in {Path(u).parent / MANIFEST_NAME for u in urls}:
         if manifest.is_file():
             known.update((s.url, s.samples) for s in _read_manifest(manifest))
     return [Shard(u, known[u] if u in known else count_samples(u)) for u in urls]
