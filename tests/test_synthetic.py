@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from PIL import Image
 from pipeline.errors import UserError
 from pipeline.shards import read_manifest
 from pipeline.tokenizer import iter_captions
+from test_shards import members as tar_members
 from pipeline.synthetic import (PALETTE, SHAPES, SyntheticConfig, build_synthetic_dataset,
                                 ensure_synthetic_dataset, load_synthetic_config)
 
@@ -22,19 +22,10 @@ RELATION_WORDS = {"left": "left", "right": "right", "above": "above", "top": "ab
                   "below": "below", "under": "below"}
 
 
-def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for m in tar.getmembers():
-            key, _, ext = m.name.partition(".")
-            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return samples
-
-
 def read_split(split_dir: Path) -> dict[str, dict]:
     out = {}
     for shard in read_manifest(split_dir)["shards"]:
-        for key, members in read_tar(split_dir / shard["url"]).items():
+        for key, members in tar_members(split_dir / shard["url"]).items():
             out[key] = {"meta": json.loads(members["json"]), "jpg": members["jpg"], "txt": members["txt"]}
     return out
 
@@ -77,7 +68,7 @@ def test_manifests_match_tar_contents(root, data):
         assert manifest["split"] == split and manifest["samples"] == CFG.count(split)
         for shard in manifest["shards"]:
             path = root / split / shard["url"]
-            assert len(read_tar(path)) == shard["samples"] <= CFG.shard_samples
+            assert len(tar_members(path)) == shard["samples"] <= CFG.shard_samples
             assert path.stat().st_size == shard["bytes"]
         assert sorted(data[split]) == [f"{split}-{i:08d}" for i in range(CFG.count(split))]
     assert [s["samples"] for s in read_manifest(root / "train")["shards"]] == [16, 16, 16, 12]
