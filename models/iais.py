@@ -15,8 +15,9 @@ an argmax of the cross blocks, so they are computed without autograd. One host s
 Samples without any word or without any region have no IAIS: their per-sample value is 0 and ``iais_loss``
 averages over the other samples only (0 when there are none).
 
-Singular alignment uses plain logs clamped at the smallest normal float, so 0 log 0 = 0 and an underflowed
-probability gives a large finite term instead of inf; distributed and congruence use log(x + 1e-6).
+Plain logs are clamped at the smallest normal float, so 0 log 0 = 0 and an underflowed probability gives a
+large finite term instead of inf. Singular alignment uses plain logs only; distributed and congruence use
+the authors' KLDivLoss(log(x + 1e-6), target) in both directions (``_sym_kl_eps_rows``).
 """
 from __future__ import annotations
 
@@ -45,27 +46,23 @@ def isd(scores: Tensor, word_mask: Tensor, region_mask: Tensor, alignment: str =
 
 
 def isd_annotated(scores: Tensor, word_mask: Tensor, region_mask: Tensor, word_to_region: Tensor) -> Tensor:
-    """Per-sample ISDa [B]: language-side singular ISD with the alignment taken from annotations.
+    """Per-sample ISDa [B]: consistency of the linguistic and the visual relations of annotated pairs.
 
+    Not the paper's ISD (``isd``, which scores the model against its own alignment): here the alignment
+    comes from annotations and no softmax is applied, so identical relations give exactly 0.
     ``word_to_region`` [B, N] long: sequence position of each word's annotated region, -1 if none.
     Definition (per sample):
-      A   = annotated words: word positions i with word_to_region[i] = a(i) >= 0 and a(i) a region position
-            (annotations pointing anywhere else, e.g. at a dropped region, count as unannotated);
-      R_A = annotated regions {a(i) : i in A};
-      S'_LL[i, j] = S_LL[i, j] / sum_{k in A} S_LL[i, k]       for i, j in A   (restricted, renormalised)
-      S'_VV[r, s] = S_VV[r, s] / sum_{t in R_A} S_VV[r, t]     for r, s in R_A
-      P[i, j]     = softmax_{j in A}( S'_VV[a(i), a(j)] )   (over gathered probabilities, as singular)
-      ISDa        = (1/|A|) sum_{i in A} KL(S'_LL_i || P_i) + KL(P_i || S'_LL_i)    (logs as singular)
-    S_LL and S_VV are the usual block attentions over all words / regions before restriction. Samples with no
-    annotated word get 0 (exclude them with ``annotated_words(...).any(1)`` when averaging).
+      A    = annotated words: word positions i with word_to_region[i] = r(i) >= 0 and r(i) a region position
+             (annotations pointing anywhere else, e.g. at a dropped region, count as unannotated);
+      L[i, j] = S_LL[i, j] / sum_{k in A} S_LL[i, k]                    for i, j in A
+      V[i, j] = S_VV[r(i), r(j)] / sum_{k in A} S_VV[r(i), r(k)]        for i, j in A
+      ISDa = (1/|A|) sum_{i in A} KL(L_i || V_i) + KL(V_i || L_i)       (plain logs, 0 log 0 = 0)
+    Words sharing a region give repeated rows/columns of V. S_LL and S_VV are the usual block attentions over
+    all words / regions before restriction. Samples with no annotated word get 0 (exclude them with
+    ``annotated_words(...).any(1)`` when averaging).
     """
     _check_inputs(scores, word_mask, region_mask)
-    n = scores.shape[-1]
-    if word_to_region.shape != word_mask.shape or word_to_region.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"word_to_region must be an integer tensor of shape {tuple(word_mask.shape)}, got "
-                         f"{word_to_region.dtype} {tuple(word_to_region.shape)}")
-    if bool(((word_to_region < -1) | (word_to_region >= n)).any()):
-        raise ValueError(f"word_to_region values must be -1 or a sequence position in [0, {n})")
+    _check_word_to_region(word_to_region, word_mask, scores.shape[-1])
     ann = annotated_words(word_mask, region_mask, word_to_region)
     layout = _spans(word_mask, region_mask)
     if layout is None:
@@ -75,16 +72,44 @@ def isd_annotated(scores: Tensor, word_mask: Tensor, region_mask: Tensor, word_t
     with torch.no_grad():
         ann_w = ann[:, w0:w1]
         target = (word_to_region[:, w0:w1].long() - r0).clamp(0, r1 - r0 - 1)  # region-span coordinates
-        hits = torch.zeros_like(target[:, :1]).expand(-1, r1 - r0).contiguous()
-        ann_r = hits.scatter_add_(1, target, ann_w.long()) > 0
         dtype = _compute_dtype(scores)
         word_bias = _column_bias(word_mask[:, w0:w1], dtype)
         region_bias = _column_bias(region_mask[:, r0:r1], dtype)
-        s_ll = _restrict(_head_probs(scores, spans[_WORDS], spans[_WORDS], word_bias).mean(1), ann_w)
-        s_vv = _restrict(_head_probs(scores, spans[_REGIONS], spans[_REGIONS], region_bias).mean(1), ann_r)
-        pseudo = _gathered_softmax(s_vv, target, ann_w)
-        mkl = _row_mean(_sym_kl_rows(s_ll, pseudo, _plain_log), ann_w)
+        s_ll = _head_probs(scores, spans[_WORDS], spans[_WORDS], word_bias).mean(1)
+        s_vv = _head_probs(scores, spans[_REGIONS], spans[_REGIONS], region_bias).mean(1)
+        linguistic = _restrict(s_ll, ann_w)
+        visual = _restrict(_gather_pairs(s_vv, target), ann_w)
+        mkl = _row_mean(_sym_kl_rows(linguistic, visual), ann_w)
         return torch.where(ann.any(1), mkl, torch.zeros_like(mkl))
+
+
+def grounding_hits(scores: Tensor, word_mask: Tensor, region_mask: Tensor, word_to_region: Tensor) -> Tensor:
+    """Bool [B, N]: annotated words (``annotated_words``) whose S_LV row argmax is their annotated region.
+
+    S_LV[i] is the head mean of the softmax of word i's logits over the sample's region columns; ties go to
+    the first region. Grounding accuracy is ``hits.sum() / annotated_words(...).sum()``.
+    """
+    _check_inputs(scores, word_mask, region_mask)
+    _check_word_to_region(word_to_region, word_mask, scores.shape[-1])
+    ann = annotated_words(word_mask, region_mask, word_to_region)
+    hits = torch.zeros_like(ann)
+    layout = _spans(word_mask, region_mask)
+    if layout is None:
+        return hits
+    (w0, w1), (r0, r1) = layout[0]
+    with torch.no_grad():
+        region_bias = _column_bias(region_mask[:, r0:r1], _compute_dtype(scores))
+        s_lv = _head_probs(scores, (w0, w1), (r0, r1), region_bias).mean(1)
+        hits[:, w0:w1] = (s_lv.argmax(-1) + r0 == word_to_region[:, w0:w1]) & ann[:, w0:w1]
+    return hits
+
+
+def _check_word_to_region(word_to_region: Tensor, word_mask: Tensor, n: int) -> None:
+    if word_to_region.shape != word_mask.shape or word_to_region.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"word_to_region must be an integer tensor of shape {tuple(word_mask.shape)}, got "
+                         f"{word_to_region.dtype} {tuple(word_to_region.shape)}")
+    if bool(((word_to_region < -1) | (word_to_region >= n)).any()):
+        raise ValueError(f"word_to_region values must be -1 or a sequence position in [0, {n})")
 
 
 def _one_block(logits: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -216,22 +241,25 @@ def _side_mkl(blocks: dict[tuple[int, int], Tensor], masks: tuple[Tensor, Tensor
         off_group = (~_nonempty(other_mask))[:, None, :].to(cross.dtype)
         align = (cross - off_group).argmax(-1)  # an off-group column never wins, even after underflow
         pseudo = _gathered_softmax(blocks[other, other], align, own_mask)
-        log = _plain_log
-    elif alignment == "distributed":
+        return _row_mean(_sym_kl_rows(intra, pseudo), own_mask)
+    if alignment == "distributed":
         pseudo = blocks[own, other] @ blocks[other, own]  # L: S_LV @ S_VL; V: S_VL @ S_LV
-        log = _eps_log
     else:
         pseudo = blocks[own, other] @ blocks[other, other] @ blocks[other, own]  # L: S_LV @ S_VV @ S_VL
-        log = _eps_log
-    return _row_mean(_sym_kl_rows(intra, pseudo, log), own_mask)
+    return _row_mean(_sym_kl_eps_rows(intra, pseudo), own_mask)
 
 
 def _gathered_softmax(square: Tensor, align: Tensor, cols: Tensor) -> Tensor:
     """P[i, j] = softmax over columns j in `cols` of square[align[i], align[j]] (the singular alignment)."""
+    gathered = _gather_pairs(square, align)
+    return torch.softmax(gathered + _column_bias(cols, square.dtype)[:, None, :], dim=-1)
+
+
+def _gather_pairs(square: Tensor, align: Tensor) -> Tensor:
+    """[B, k, k] square[b, align[b, i], align[b, j]] of a batch of squares [B, m, m] and indices [B, k]."""
     b, m = square.shape[0], square.shape[-1]
     flat_index = align[:, :, None] * m + align[:, None, :]
-    gathered = square.reshape(b, -1).gather(1, flat_index.reshape(b, -1)).view(b, *flat_index.shape[1:])
-    return torch.softmax(gathered + _column_bias(cols, square.dtype)[:, None, :], dim=-1)
+    return square.reshape(b, -1).gather(1, flat_index.reshape(b, -1)).view(b, *flat_index.shape[1:])
 
 
 def _head_probs(scores: Tensor, rows: tuple[int, int], cols: tuple[int, int], bias: Tensor | None) -> Tensor:
@@ -277,9 +305,16 @@ def _restrict(block: Tensor, cols: Tensor) -> Tensor:
     return kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(block.dtype).tiny)
 
 
-def _sym_kl_rows(p: Tensor, q: Tensor, log) -> Tensor:
-    """KL(p_i || q_i) + KL(q_i || p_i) per row: sum_j (p - q)(log p - log q); 0 where p = q = 0."""
-    return ((p - q) * (log(p) - log(q))).sum(-1)
+def _sym_kl_rows(p: Tensor, q: Tensor) -> Tensor:
+    """KL(p_i || q_i) + KL(q_i || p_i) per row, plain logs: sum_j (p - q)(log p - log q); 0 if p = q = 0."""
+    return ((p - q) * (_plain_log(p) - _plain_log(q))).sum(-1)
+
+
+def _sym_kl_eps_rows(p: Tensor, q: Tensor) -> Tensor:
+    """Per row sum_j p (log p - log(q + eps)) + q (log q - log(p + eps)): the authors'
+    ``KLDivLoss(log(p + eps), q) + KLDivLoss(log(q + eps), p)``; the eps sits only inside the log of the
+    distribution compared against."""
+    return (p * (_plain_log(p) - _eps_log(q)) + q * (_plain_log(q) - _eps_log(p))).sum(-1)
 
 
 def _row_mean(rows: Tensor, row_mask: Tensor) -> Tensor:

@@ -20,6 +20,8 @@ class EvalData:
     text_to_image: image index of each caption. captions: the caption strings (pictures).
     token_objects: per caption, per token, the annotated object index (-1 none), or None.
     object_centres: per image, the normalised (x, y) centre of each annotated object [k, 2], or None.
+    object_boxes: per image, the normalised (x1, y1, x2, y2) box of each annotated object [k, 4], or None;
+    rows of -1 where a box is missing (matched to precomputed region boxes by IoU for ISDa).
     quadruples: relation-swap quadruples as (image0, caption0, image1, caption1) indices.
     token_words: per caption, per token, the index of its whitespace word (-1 specials), or None.
     skipped: unreadable samples left out when the split was read, by reason.
@@ -32,6 +34,7 @@ class EvalData:
     captions: list[str] = field(default_factory=list)
     token_objects: list[list[int]] | None = None
     object_centres: list[torch.Tensor] | None = None
+    object_boxes: list[torch.Tensor] | None = None
     quadruples: list[tuple[int, int, int, int]] = field(default_factory=list)
     token_words: list[list[int]] | None = None
     skipped: dict[str, int] = field(default_factory=dict)
@@ -131,7 +134,9 @@ class EvalData:
                        caption_ids=rows(self.caption_ids), text_to_image=self.text_to_image[caps],
                        captions=rows(self.captions) if self.captions else [],
                        token_objects=rows(self.token_objects), token_words=rows(self.token_words),
-                       object_centres=None if self.object_centres is None else self.object_centres[:n], quadruples=[])
+                       object_centres=None if self.object_centres is None else self.object_centres[:n],
+                       object_boxes=None if self.object_boxes is None else self.object_boxes[:n],
+                       quadruples=[])
 
     def with_captions(self, texts: list[str], image_of: list[int], tokenizer, max_len: int) -> "EvalData":
         """A copy with captions appended (e.g. user quadruples' text not present in the split)."""
@@ -163,4 +168,23 @@ def object_centres(objects: list[dict], size: tuple[float, float]) -> torch.Tens
             continue
         if width > 0 and height > 0:
             out[k] = torch.tensor([(x1 + x2) / 2 / width, (y1 + y2) / 2 / height])
+    return out
+
+
+def object_boxes(objects: list[dict], size: tuple[float, float]) -> torch.Tensor:
+    """Normalised (x1, y1, x2, y2) boxes [k, 4] of annotated objects (``box`` in pixels of an image of
+    ``size`` (width, height)), clamped to [0, 1] as region positions are; -1 where a box or the size is
+    missing."""
+    width, height = size
+    out = torch.full((len(objects), 4), -1.0)
+    if width <= 0 or height <= 0:
+        return out
+    scale = torch.tensor([width, height, width, height])
+    for k, obj in enumerate(objects):
+        try:
+            box = torch.tensor([float(v) for v in obj["box"]])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if box.shape == (4,):
+            out[k] = (box / scale).clamp(0.0, 1.0)
     return out

@@ -9,7 +9,7 @@ import webdataset as wds
 from pipeline.decode import (BadSample, captions_of, collate_image, decode_image_part, encode_caption, parse_meta,
                              select_member)
 from pipeline.errors import UserError
-from pipeline.eval_data import EvalData, object_centres
+from pipeline.eval_data import EvalData, object_boxes, object_centres
 from pipeline.shardlist import resolve_shards
 
 
@@ -47,7 +47,7 @@ def load_eval_split(path: str, tokenizer, cfg) -> EvalData:
     shards = resolve_shards(path)
     pipe = wds.DataPipeline(wds.SimpleShardList([s.url for s in shards]),
                             wds.tarfile_to_samples(handler=counter.handler, select_files=select_member))
-    keys, image_parts, centres, captions, texts, text_to_image = [], [], [], [], [], []
+    keys, image_parts, centres, boxes, captions, texts, text_to_image = [], [], [], [], [], [], []
     for sample in pipe:
         key = sample["__key__"]
         try:
@@ -63,6 +63,7 @@ def load_eval_split(path: str, tokenizer, cfg) -> EvalData:
         image_parts.append(image)
         size = (float(meta.get("width") or 0), float(meta.get("height") or 0))
         centres.append(object_centres(meta.get("objects") or [], size))
+        boxes.append(object_boxes(meta.get("objects") or [], size))
         captions.extend(caps)
         texts.extend(encoded)
     if not keys:
@@ -70,7 +71,8 @@ def load_eval_split(path: str, tokenizer, cfg) -> EvalData:
     data = EvalData(image_keys=keys, images=collate_image(image_parts, spec),
                     caption_ids=[list(t["input_ids"]) for t in texts], text_to_image=text_to_image, captions=captions,
                     token_objects=[list(t["word_to_region"]) for t in texts], object_centres=centres,
-                    token_words=[list(t["word_index"]) for t in texts], skipped=dict(counter.counts))
+                    object_boxes=boxes, token_words=[list(t["word_index"]) for t in texts],
+                    skipped=dict(counter.counts))
     base = Path(path) if Path(path).is_dir() else Path(shards[0].url).parent
     if (base / "quadruples.json").is_file():
         data.quadruples = _quadruple_rows(base / "quadruples.json", data)

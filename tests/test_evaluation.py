@@ -14,11 +14,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from models import create_model
-from models.image_encoder import ImageTokens
-from pipeline.eval_data import EvalData
+from models.image_encoder import ImageTokens, box_features
+from pipeline.eval_data import EvalData, object_boxes
 from pipeline.errors import UserError
-from pipeline.evaluation import (EvalConfig, evaluate, full_retrieval, region_targets, resolve_quadruples,
-                                 score_pairs, two_stage_recalls, two_stage_retrieval)
+from pipeline.evaluation import (EvalConfig, evaluate, full_retrieval, isd_metrics, region_targets,
+                                 resolve_quadruples, score_pairs, two_stage_recalls, two_stage_retrieval)
 from pipeline.loader import LoaderConfig, load_eval_split
 from pipeline.metrics import retrieval_recalls, winoground_scores
 from pipeline.synthetic import SyntheticConfig, build_synthetic_dataset
@@ -74,6 +74,12 @@ def test_split_is_read_with_annotations_and_quadruples(assets):
     assert data.n_images == N_TEST and data.n_texts == 5 * N_TEST
     assert data.has_annotations and len(data.quadruples) == N_TEST // 2
     assert data.object_centres is not None and float(data.object_centres[0].min()) >= 0
+    assert data.object_boxes is not None and len(data.object_boxes) == N_TEST
+    boxes = data.object_boxes[0]
+    assert boxes.shape == (data.object_centres[0].shape[0], 4)
+    assert 0 <= float(boxes.min()) <= float(boxes.max()) <= 1
+    torch.testing.assert_close((boxes[:, :2] + boxes[:, 2:]) / 2, data.object_centres[0])
+    assert len(data.subset(max_images=3).object_boxes) == 3
 
 
 def test_full_retrieval_equals_pairwise_scores_and_encodes_each_image_once(assets):
@@ -142,16 +148,69 @@ def test_region_targets_map_objects_to_sequence_positions():
     assert region[1, 1].item() == 5 + 2
 
 
+def _box_tokens(boxes: list[list[float]], real: int) -> ImageTokens:
+    pos = box_features(torch.tensor(boxes), 1.0, 1.0)
+    mask = torch.arange(len(boxes)) < real
+    return ImageTokens(torch.zeros(1, len(boxes), 1), pos[None], mask[None])
+
+
+def test_features_mode_matches_objects_to_regions_by_iou():
+    # objects (pixels of a 200 x 100 image): 0 = region 2 exactly, 1 = mostly region 0 (IoU 0.8), 2 overlaps
+    # nothing well (best IoU 0.3), 3 = only the padded region 3, 4 has no box
+    objects = [{"box": [100, 50, 200, 100]}, {"box": [0, 0, 80, 50]}, {"box": [100, 0, 130, 50]},
+               {"box": [0, 50, 100, 100]}, {"name": "no box"}]
+    boxes = object_boxes(objects, (200, 100))
+    torch.testing.assert_close(boxes[0], torch.tensor([0.5, 0.5, 1.0, 1.0]))
+    assert boxes[4].tolist() == [-1, -1, -1, -1]
+    tokens = _box_tokens([[0, 0, .5, .5], [.5, 0, 1, .5], [.5, .5, 1, 1], [0, .5, .5, 1]], real=3)
+    ids = [[2, 10, 11, 12, 13, 14, 15, 3]]
+    data = EvalData(["a"], {"region_feat": torch.zeros(1, 4, 1)}, ids, [0],
+                    token_objects=[[-1, 0, 1, 2, 3, 4, 0, -1]], object_boxes=[boxes])
+    got = region_targets(data, torch.tensor([0]), tokens, text_len=8, mode="features")
+    assert got.shape == (1, 12)
+    # words of objects 0 and 1 -> regions 2 and 0; objects 2, 3, 4 unmatched; two words share region 2
+    assert got[0, :8].tolist() == [-1, 8 + 2, 8 + 0, -1, -1, -1, 8 + 2, -1]
+    # without boxes nothing is matched (no identity guess)
+    bare = EvalData(["a"], {"region_feat": torch.zeros(1, 4, 1)}, ids, [0], token_objects=data.token_objects)
+    assert (region_targets(bare, torch.tensor([0]), tokens, text_len=8, mode="features") == -1).all()
+
+
+def test_isd_metrics_in_features_mode_count_matched_words(assets):
+    # a tiny features-mode model on hand-made regions: image 0's regions are its objects' boxes in reverse
+    # order (an identity mapping would pair every word with the wrong region), image 1's match nothing
+    torch.manual_seed(0)
+    tok = assets["tok"]
+    model = create_model("tiny", vocab_size=tok.vocab_size, max_text_len=24,
+                         image=dict(mode="features", feat_dim=8)).eval()
+    objects = torch.tensor([[0, 0, .5, .5], [.5, .5, 1, 1], [0, .5, .25, 1]])
+    regions = torch.stack([objects.flip(0), torch.tensor([[.6, 0, .7, .1]] * 3)])
+    images = {"region_feat": torch.randn(2, 3, 8), "region_pos": box_features(regions, 1.0, 1.0),
+              "region_mask": torch.ones(2, 3, dtype=torch.bool)}
+    ids = [[2, 10, 11, 12, 3], [2, 13, 14, 3]]
+    data = EvalData(["a", "b"], images, ids, [0, 1], token_objects=[[-1, 0, 1, 2, -1], [-1, 0, 1, -1]],
+                    object_boxes=[objects, objects[:2]])
+    with torch.no_grad():
+        m = isd_metrics(model, data, cfg(isd_max_pairs=None))
+    assert (m["isda_words"], m["isda_words_annotated"], m["isda_pairs"]) == (3.0, 5.0, 1.0)
+    tokens = model.encode_image(data.image_inputs(torch.tensor([0])))
+    targets = region_targets(data, torch.tensor([0]), tokens, text_len=5, mode="features")
+    assert targets[0, :5].tolist() == [-1, 5 + 2, 5 + 1, 5 + 0, -1]
+    assert m["isda"] >= 0 and 0 <= m["grounding_acc"] <= 100
+
+
 def test_winoground_and_isd_through_evaluate(assets):
     model, data = assets["model"], assets["data"]
     result = evaluate(model, data, cfg(full=True, two_stage=False))
     m = result.metrics
-    for key in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "rsum", "isda",
-                "wino_text", "wino_image", "wino_group", "full_seconds", "full_pairs_per_s"):
+    for key in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "rsum", "isda", "isda_words",
+                "isda_words_annotated", "grounding_acc", "wino_text", "wino_image", "wino_group",
+                "full_seconds", "full_pairs_per_s"):
         assert key in m, key
     for a in ("singular", "distributed", "congruence"):
         for side in ("L", "V"):
             assert m[f"isd_{a}_{side}"] >= 0
+    assert 0 < m["isda_words"] <= m["isda_words_annotated"] and 0 <= m["grounding_acc"] <= 100
+    assert m["isda"] >= 0 and m["isda_pairs"] > 0
     # Winoground from the model's own pair scores, computed here directly
     s = torch.zeros(len(data.quadruples), 2, 2)
     with torch.no_grad():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.iais import iais_loss, isd, isd_annotated
+from models.iais import annotated_words, grounding_hits, iais_loss, isd, isd_annotated
 
 torch.set_num_threads(1)
 ALIGNMENTS = ("singular", "distributed", "congruence")
@@ -48,8 +48,10 @@ def _np_softmax(x):
 
 
 def _np_mkl(p, q, eps=0.0):
-    lp, lq = np.log(p + eps), np.log(q + eps)
-    return float(((p * (lp - lq)).sum(-1) + (q * (lq - lp)).sum(-1)).mean())
+    """mKL, or with eps mKL_eps: the eps only inside the log of the distribution compared against."""
+    p_to_q = (p * (np.log(p) - np.log(q + eps))).sum(-1)
+    q_to_p = (q * (np.log(q) - np.log(p + eps))).sum(-1)
+    return float((p_to_q + q_to_p).mean())
 
 
 def test_singular_language_side_by_hand():
@@ -135,7 +137,7 @@ def test_isd_annotated_by_hand():
     ll_a = ll_a / ll_a.sum(1, keepdims=True)
     vv_a = vv[np.ix_([1, 2], [1, 2])]
     vv_a = vv_a / vv_a.sum(1, keepdims=True)
-    expected = _np_mkl(ll_a, _np_softmax(vv_a))  # a = identity on the restricted sets
+    expected = _np_mkl(ll_a, vv_a)  # r(A) = (r2, r3): the restricted S_VV, no softmax
     got = isd_annotated(torch.tensor(logits[None, None], dtype=torch.float32), word, region, w2r)
     assert float(got[0]) == pytest.approx(expected, rel=1e-5)
     # no annotated word (or an annotation pointing at a non-region) -> 0, no NaN
@@ -164,7 +166,10 @@ def _loop_mkl(scores, word_mask, region_mask, alignment, side):
                 lp, lq = own.log(), pseudo.log()
             else:
                 pseudo = cross @ back if alignment == "distributed" else cross @ other @ back
-                lp, lq = (own + 1e-6).log(), (pseudo + 1e-6).log()
+                kl = (own * (own.log() - (pseudo + 1e-6).log())).sum(-1) \
+                    + (pseudo * (pseudo.log() - (own + 1e-6).log())).sum(-1)
+                total = total + kl.mean()
+                continue
             kl = (own * (lp - lq)).sum(-1) + (pseudo * (lq - lp)).sum(-1)
             total = total + kl.mean()
         out.append(total)
@@ -305,7 +310,7 @@ def test_matches_loop_with_scattered_positions(alignment):
 
 
 def _loop_isda(scores, word_mask, region_mask, word_to_region):
-    """The isd_annotated docstring's definition, one sample at a time."""
+    """ISDa as DESIGN.md defines it, per sample: mKL(renorm(S_LL[A, A]), renorm(S_VV[r(A), r(A)]))."""
     out = []
     for b in range(scores.shape[0]):
         a = scores[b].double()
@@ -319,14 +324,11 @@ def _loop_isda(scores, word_mask, region_mask, word_to_region):
             out.append(torch.zeros((), dtype=torch.float64))
             continue
         region_index = torch.tensor([r.tolist().index(int(t)) for t in targets[keep]])
-        kept_regions = sorted(set(region_index.tolist()))
         ll_a = ll[keep][:, keep]
         ll_a = ll_a / ll_a.sum(1, keepdim=True)
-        vv_a = vv[kept_regions][:, kept_regions]
+        vv_a = vv[region_index][:, region_index]
         vv_a = vv_a / vv_a.sum(1, keepdim=True)
-        pos = torch.tensor([kept_regions.index(int(i)) for i in region_index])
-        pseudo = torch.softmax(vv_a[pos][:, pos], -1)
-        kl = (ll_a * (ll_a.log() - pseudo.log())).sum(-1) + (pseudo * (pseudo.log() - ll_a.log())).sum(-1)
+        kl = (ll_a * (ll_a.log() - vv_a.log())).sum(-1) + (vv_a * (vv_a.log() - ll_a.log())).sum(-1)
         out.append(kl.mean())
     return torch.stack(out)
 
@@ -354,9 +356,166 @@ def test_attention_maps_of_one_sample_match_isd(alignment):
     eps = 0.0 if alignment == "singular" else 1e-6
 
     def mkl(p, q):
-        lp, lq = (p + eps).log(), (q + eps).log()
-        return ((p * (lp - lq)).sum(1) + (q * (lq - lp)).sum(1)).mean()
+        return ((p * (p.log() - (q + eps).log())).sum(1) + (q * (q.log() - (p + eps).log())).sum(1)).mean()
 
     for side, (s, pseudo) in {"L": ("S_LL", "P_L"), "V": ("S_VV", "P_V")}.items():
         expected = isd(scores, word_mask, region_mask, alignment, side)[0]
         assert torch.allclose(mkl(maps[s], maps[pseudo]).to(expected.dtype), expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------- parity with the authors' iais_distributed
+def _authors_distributed(scores, word_mask, region_mask, alignment, side):
+    """The reference's way: per sample, KLDivLoss(log(S + 1e-6), P) + KLDivLoss(log(P + 1e-6), S)."""
+    kl_div = torch.nn.KLDivLoss(reduction="batchmean")
+    out = []
+    for b in range(scores.shape[0]):
+        a = scores[b].double()
+        w, r = word_mask[b].nonzero().flatten(), region_mask[b].nonzero().flatten()
+        txt, img = torch.softmax(a[:, w][:, :, w], -1).mean(0), torch.softmax(a[:, r][:, :, r], -1).mean(0)
+        t2i, i2t = torch.softmax(a[:, w][:, :, r], -1).mean(0), torch.softmax(a[:, r][:, :, w], -1).mean(0)
+        if side == "L":
+            own, pseudo = txt, (t2i @ i2t if alignment == "distributed" else t2i @ img @ i2t)
+        else:
+            own, pseudo = img, (i2t @ t2i if alignment == "distributed" else i2t @ txt @ t2i)
+        out.append(kl_div(torch.log(own + 1e-6), pseudo) + kl_div(torch.log(pseudo + 1e-6), own))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("alignment", ["distributed", "congruence"])
+@pytest.mark.parametrize("scale", [1.0, 4.0, 8.0])
+def test_eps_alignments_match_the_authors_kldivloss(alignment, scale):
+    # peaky attention (large scale) is where an eps on both sides of each KL was off by up to ~1e-3
+    lengths = [(3, 5), (6, 7), (1, 2), (4, 1), (5, 4), (1, 1)]
+    scores, word, region = _random_batch(lengths, seed=11)
+    scores = scores.double() * scale
+    for side in ("L", "V"):
+        expected = _authors_distributed(scores, word, region, alignment, side)
+        torch.testing.assert_close(isd(scores, word, region, alignment, side), expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("alignment", ALIGNMENTS)
+def test_gradients_stay_finite_with_padding_and_underflow(alignment):
+    # large logits underflow real probabilities to exactly 0, next to the masked (exactly 0) padding columns
+    scores, word, region = _random_batch(LENGTHS, seed=12)
+    padded, pword, pregion, _ = _insert_padding(scores * 40, word, region, 2, 3)
+    padded.requires_grad_(True)
+    loss = iais_loss(padded, pword, pregion, alignment, "both")
+    (grad,) = torch.autograd.grad(loss, padded)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+# ---------------------------------------------------------------- ISDa: relation consistency
+# Sequence [CLS, w1..w5, SEP, r1..r5] with one head: a block's logits are log-probabilities plus a row shift.
+TOY_WORDS, TOY_REGIONS, TOY_N = list(range(1, 6)), list(range(7, 12)), 12
+
+
+def _toy(word_logits, region_logits, word_to_region_index, seed=0):
+    """[1, 1, N, N] logits with the given word and region blocks (other entries random), masks, w2r."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(TOY_N, TOY_N, generator=gen, dtype=torch.float64) * 3
+    rows = torch.randn(TOY_N, 1, generator=gen, dtype=torch.float64) * 5  # a row shift the softmax ignores
+    words, regions = torch.tensor(TOY_WORDS), torch.tensor(TOY_REGIONS)
+    logits[words[:, None], words[None, :]] = word_logits + rows[words]
+    logits[regions[:, None], regions[None, :]] = region_logits + rows[regions]
+    word = torch.zeros(1, TOY_N, dtype=torch.bool)
+    region = torch.zeros(1, TOY_N, dtype=torch.bool)
+    word[0, TOY_WORDS], region[0, TOY_REGIONS] = True, True
+    w2r = torch.full((1, TOY_N), -1, dtype=torch.long)
+    for i, k in enumerate(word_to_region_index):
+        if k >= 0:
+            w2r[0, TOY_WORDS[i]] = TOY_REGIONS[k]
+    return logits[None, None], word, region, w2r
+
+
+def _visual_logits(seed=1):
+    return torch.randn(5, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2
+
+
+def _toy_isda(word_logits, region_logits, index=(0, 1, 2, 3, 4)):
+    return float(isd_annotated(*_toy(word_logits, region_logits, index))[0])
+
+
+def test_isda_is_zero_for_identical_relations_and_positive_otherwise():
+    visual = _visual_logits()
+    consistent = _toy_isda(visual.clone(), visual)
+    uniform = _toy_isda(torch.zeros(5, 5, dtype=torch.float64), visual)
+    inconsistent = _toy_isda(visual.T.contiguous(), visual)
+    assert consistent == pytest.approx(0, abs=1e-6)
+    assert uniform > 0.05 and inconsistent > 0.05
+    # the old singular-softmax version scored flat attention better than perfect consistency
+    assert consistent < uniform
+
+
+def test_isda_consistent_up_to_row_scaling_with_unannotated_words_and_regions():
+    # words w1..w3 -> regions r2, r1, r5; w4, w5 unannotated; S_LL[A, A] = S_VV[r(A), r(A)] up to row scaling
+    visual = _visual_logits(2)
+    index = [1, 0, 4, -1, -1]
+    words = torch.randn(5, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    a = torch.tensor([0, 1, 2])
+    words[a[:, None], a[None, :]] = visual[torch.tensor(index[:3])][:, torch.tensor(index[:3])]
+    assert _toy_isda(words, visual, index) == pytest.approx(0, abs=1e-6)
+    words[0, 1] += 1.0
+    assert _toy_isda(words, visual, index) > 1e-3
+
+
+def test_isda_grows_as_relations_blend_toward_an_inconsistent_pattern():
+    visual = _visual_logits(4)
+    inconsistent = visual.flip(0, 1).contiguous()
+    values = [_toy_isda((1 - t) * visual + t * inconsistent, visual) for t in (0, 0.25, 0.5, 0.75, 1)]
+    assert values[0] == pytest.approx(0, abs=1e-6)
+    assert all(b > a for a, b in zip(values, values[1:])), values
+
+
+def test_isda_words_sharing_a_region_by_hand():
+    # w1, w2 -> r1; w3 -> r2; w4, w5 unannotated: V = renorm(S_VV[[0, 0, 1]][:, [0, 0, 1]])
+    visual, words = _visual_logits(5), _visual_logits(6)
+    index = [0, 0, 1, -1, -1]
+    vv = torch.softmax(visual, -1).numpy()
+    ll = torch.softmax(words, -1).numpy()
+    v = vv[np.ix_([0, 0, 1], [0, 0, 1])]
+    ll_a = ll[np.ix_([0, 1, 2], [0, 1, 2])]
+    expected = _np_mkl(ll_a / ll_a.sum(1, keepdims=True), v / v.sum(1, keepdims=True))
+    assert _toy_isda(words, visual, index) == pytest.approx(expected, rel=1e-9)
+    # identical relations with the repeated region still give 0
+    shared = visual[torch.tensor([0, 0, 1])][:, torch.tensor([0, 0, 1])]
+    words[:3, :3] = shared
+    assert _toy_isda(words, visual, index) == pytest.approx(0, abs=1e-6)
+
+
+def test_isda_padding_and_batching_change_nothing():
+    scores, word, region = _random_batch(LENGTHS, seed=13)
+    w2r = torch.full(word.shape, -1, dtype=torch.long)
+    w2r[:, 1], w2r[:, 2], w2r[:, 3] = 8, 8, 9  # two words on one region
+    padded, pword, pregion, pos = _insert_padding(scores, word, region, 3, 2)
+    pw2r = torch.full(pword.shape, -1, dtype=torch.long)
+    pw2r[:, pos] = torch.where(w2r >= 0, pos[w2r.clamp_min(0)], w2r)
+    batched = isd_annotated(scores, word, region, w2r)
+    torch.testing.assert_close(isd_annotated(padded, pword, pregion, pw2r), batched, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(batched.double(), _loop_isda(scores, word, region, w2r), rtol=1e-5, atol=1e-5)
+    for b in range(len(LENGTHS)):
+        one = isd_annotated(scores[b:b + 1], word[b:b + 1], region[b:b + 1], w2r[b:b + 1])
+        torch.testing.assert_close(one[0], batched[b], rtol=1e-5, atol=1e-6)
+    hits = grounding_hits(scores, word, region, w2r)
+    assert torch.equal(grounding_hits(padded, pword, pregion, pw2r)[:, pos], hits)
+
+
+# ---------------------------------------------------------------- grounding hits
+def test_grounding_hits_by_hand():
+    # [CLS, w1, w2, w3, SEP, r1, r2, pad]; w1 -> r1, w2 -> r2, w3 unannotated; 2 heads
+    n = 8
+    logits = torch.zeros(1, 2, n, n)
+    word = torch.tensor([[False, True, True, True, False, False, False, False]])
+    region = torch.tensor([[False] * 5 + [True, True, False]])
+    logits[0, :, :, 7] = 50.0  # a padding column never wins
+    logits[0, :, 1, 5] = 3.0   # w1: both heads on r1 -> hit
+    # w2: head 0 mildly on r1 (0.62), head 1 sharply on r2 (0.9997): the head mean picks r2
+    logits[0, 0, 2, 5], logits[0, 1, 2, 6] = 0.5, 8.0
+    logits[0, :, 3, 6] = 5.0   # w3 points at r2 but is unannotated
+    w2r = torch.tensor([[-1, 5, 6, -1, -1, -1, -1, -1]])
+    hits = grounding_hits(logits, word, region, w2r)
+    assert hits.tolist() == [[False, True, True, False, False, False, False, False]]
+    wrong = torch.tensor([[-1, 6, 5, 5, -1, -1, -1, -1]])
+    assert not grounding_hits(logits, word, region, wrong).any()
+    assert annotated_words(word, region, wrong).sum() == 3
+    # an annotation pointing at padding is not annotated, so never a hit
+    assert not grounding_hits(logits, word, region, torch.tensor([[-1, 7, -1, -1, -1, -1, -1, -1]])).any()
