@@ -124,13 +124,16 @@ def _is_cjk(cp: int) -> bool:
             or 0x2A700 <= cp <= 0x2B81F or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
 
 
-def _basic_tokens(word: str) -> list[str]:
-    """BERT uncased basic tokenization of one whitespace word: lowercase, strip accents, split punct/CJK."""
-    word = unicodedata.normalize("NFD", word.lower())
+def _basic_tokens(word: str, lower_case: bool = True) -> list[str]:
+    """BERT basic tokenization of one whitespace word: split punctuation/CJK, drop control characters;
+    uncased vocabularies also lowercase and strip accents (cased ones, e.g. UNITER's bert-base-cased, not)."""
+    if lower_case:
+        word = unicodedata.normalize("NFD", word.lower())
+    dropped = ("Cc", "Cf", "Mn") if lower_case else ("Cc", "Cf")
     tokens, current = [], []
     for ch in word:
         cp = ord(ch)
-        if cp == 0 or cp == 0xFFFD or unicodedata.category(ch) in ("Cc", "Cf", "Mn"):
+        if cp == 0 or cp == 0xFFFD or unicodedata.category(ch) in dropped:
             continue
         if _is_punctuation(ch) or _is_cjk(cp):
             if current:
@@ -144,12 +147,19 @@ def _basic_tokens(word: str) -> list[str]:
     return tokens
 
 
+def _is_cased(pieces) -> bool:
+    """A BERT vocabulary is cased when a piece other than the [SPECIAL] ones holds an uppercase letter."""
+    return any(any(ch.isupper() for ch in p) for p in pieces if not (p.startswith("[") and p.endswith("]")))
+
+
 class WordPieceTokenizer:
-    """BERT uncased WordPiece from a `vocab.txt` (one piece per line, id = line number)."""
+    """BERT WordPiece from a `vocab.txt` (one piece per line, id = line number). Casing follows the
+    vocabulary (uppercase pieces: cased, as bert-base-cased, which UNITER uses) unless ``lower_case`` is
+    given."""
 
     max_chars_per_word = 100
 
-    def __init__(self, vocab_txt: str | os.PathLike):
+    def __init__(self, vocab_txt: str | os.PathLike, lower_case: bool | None = None):
         path = Path(vocab_txt)
         if not path.is_file():
             raise UserError(f"WordPiece vocabulary {path} not found: pass the checkpoint's BERT vocab.txt")
@@ -162,6 +172,7 @@ class WordPieceTokenizer:
             self.vocab[p] for p in SPECIAL_PIECES)
         self.vocab_size = len(self.vocab)
         self.path = path
+        self.lower_case = not _is_cased(self.vocab) if lower_case is None else lower_case
 
     def _wordpieces(self, token: str) -> list[int]:
         if len(token) > self.max_chars_per_word:
@@ -181,7 +192,8 @@ class WordPieceTokenizer:
         return pieces
 
     def encode(self, text: str, max_len: int) -> Encoded:
-        word_pieces = [[i for tok in _basic_tokens(w) for i in self._wordpieces(tok)] for w in text.split()]
+        word_pieces = [[i for tok in _basic_tokens(w, self.lower_case) for i in self._wordpieces(tok)]
+                       for w in text.split()]
         return _assemble(word_pieces, self.cls_id, self.sep_id, max_len)
 
 

@@ -108,6 +108,20 @@ def test_wordpiece(vocab):
     assert short.ids == [ids["[CLS]"], ids["a"], ids["red"], ids["circle"], ids["[SEP]"]]
 
 
+def test_wordpiece_cased_vocab_keeps_case_and_accents(tmp_path):
+    """UNITER is bert-base-cased: capitalised words and accents must map to their own cased pieces."""
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "A", "a", "Red", "red", "Café", "cafe", "!"]
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(pieces) + "\n", encoding="utf-8")
+    ids = {p: i for i, p in enumerate(pieces)}
+    tok = load_tokenizer(path)
+    assert not tok.lower_case
+    enc = tok.encode("A red Red Café!", 16)
+    assert enc.ids == [ids[p] for p in ["[CLS]", "A", "red", "Red", "Café", "!", "[SEP]"]]
+    forced = WordPieceTokenizer(path, lower_case=True)
+    assert forced.encode("A Red Café", 16).ids == [ids[p] for p in ["[CLS]", "a", "red", "cafe", "[SEP]"]]
+
+
 def test_wordpiece_missing_specials(tmp_path):
     path = tmp_path / "vocab.txt"
     path.write_text("[PAD]\n[UNK]\nhello\n", encoding="utf-8")
