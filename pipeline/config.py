@@ -50,6 +50,8 @@ class DataConfig:
     train: Optional[str] = None           # shards: directory, manifest.json or brace pattern; default <root>/train
     val: Optional[str] = None
     test: Optional[str] = None
+    relations: Optional[str] = None       # relation-swap quadruples (Winoground scores at test time); default
+                                          # <root>/relations when that exists (the synthetic data writes it)
     tokenizer: Optional[str] = None       # .model (SentencePiece) or vocab .txt; None: train one into the cache
     vocab_size: int = 1000
     image_size: int = 64
@@ -75,6 +77,10 @@ class TrainConfig:
     grad_accum: Union[int, Auto] = "auto"
     lr: Union[float, Auto] = "auto"
     warmup_steps: Union[int, Auto] = "auto"
+    # "auto" here and in the DeepSpeed JSON: cosine decay / clipping at 1.0; "linear" decays to 0 (UNITER/IAIS)
+    lr_schedule: Union[Literal["cosine", "linear"], Auto] = "auto"
+    grad_clip: Union[float, Auto] = "auto"
+    decay_bias_and_norm: bool = False     # False: biases and LayerNorm weights get no weight decay (UNITER, BERT)
     log_every: int = 10
     val_every: int = 0                    # 0: validate only at the end
     threads: int = 0                      # torch threads per rank; 0: cores / local ranks
@@ -84,7 +90,9 @@ class TrainConfig:
 class IaisConfig:
     alignment: Literal["none", "singular", "distributed", "congruence"] = "singular"
     side: Literal["alternate", "L", "V", "both"] = "alternate"
-    weight: float = 0.1
+    # w in: loss = sum over directions of mean hinge + w * s(t) * sum over sides of IAIS. 8 is the authors'
+    # balance (per anchor they add rank.mean() / train_batch_size + s(t) * IAIS, train_batch_size = 8)
+    weight: float = 8.0
     schedule: Literal["exp", "linear", "log", "const"] = "exp"
     layers: list = field(default_factory=lambda: [-1])
 
@@ -95,9 +103,9 @@ class FinetuneConfig:
     hard_size: int = 3                    # highest-scoring candidates kept per anchor
     margin: float = 0.2
     pool_size: int = 1024                 # recently streamed images/texts kept as candidates
-    # alternate (the reference): text-anchored groups (one text, hard images) on even steps, image-anchored
-    # groups on odd steps; both: both every step; text / image: one kind only
-    directions: Literal["alternate", "both", "text", "image"] = "alternate"
+    # both (the reference): text-anchored groups (one text, hard images) and image-anchored groups every step;
+    # alternate: text-anchored on even steps, image-anchored on odd steps (half the cost); text / image: one kind
+    directions: Literal["alternate", "both", "text", "image"] = "both"
     itc_preselect: int = 0                # >0: draw this many pool candidates and cross-score only the
                                           # negative_size of them most similar by ITC
     hard_start_step: int = 0              # before this step negatives are random pool candidates (a curriculum
@@ -422,6 +430,8 @@ def validate_paths(cfg: ExperimentConfig, stage: Literal["pretrain", "finetune"]
         check_shards_exist(spec, f"data.{split}" if getattr(cfg.data, split) else f"data.root ({split}/)")
     if cfg.data.tokenizer and not resolve_path(cfg.data.tokenizer).is_file():
         raise UserError(f"config 'data.tokenizer' = {cfg.data.tokenizer}: no such file; give a .model or vocab .txt")
+    if cfg.data.relations:
+        check_shards_exist(cfg.data.relations, "data.relations")
     if cfg.model.init and not resolve_path(cfg.model.init).exists():
         raise UserError(f"config 'model.init' = {cfg.model.init}: no such checkpoint or save_pretrained directory")
 
@@ -441,10 +451,13 @@ def read_ds_config(path: str | Path) -> dict:
     return ds
 
 
-def _merge(ds_value, exp_value, ds_key: str, exp_key: str, src: str):
-    """One value defined by the DeepSpeed JSON and/or the experiment config ("auto" = the other one)."""
+def _merge(ds_value, exp_value, ds_key: str, exp_key: str, src: str, default=None):
+    """One value defined by the DeepSpeed JSON and/or the experiment config ("auto" = the other one; both
+    "auto": ``default`` where the value has one, else an error)."""
     ds_auto = ds_value is None or ds_value == "auto"
     exp_auto = exp_value == "auto"
+    if ds_auto and exp_auto and default is not None:
+        return default
     if ds_auto and exp_auto:
         raise UserError(f"{ds_key} is 'auto' in {src} and config '{exp_key}' is 'auto': set one of them")
     if ds_auto:
@@ -492,35 +505,58 @@ def resolve_ds_config(ds: dict, cfg: ExperimentConfig, world_size: int, accelera
     lr = _merge(params.get("lr"), tr.lr, "optimizer.params.lr", "train.lr", src)
     params["lr"] = float(lr)
 
-    sched = ds.get("scheduler")
-    warmup = 0
-    if sched is not None:
-        stype = sched.get("type") if isinstance(sched, dict) else None
-        if stype not in ("WarmupDecayLR", "WarmupCosineLR"):
-            raise UserError(f"{src}: scheduler.type = {stype!r}; use WarmupDecayLR or WarmupCosineLR")
-        sp = sched.setdefault("params", {})
-        warmup = _merge(sp.get("warmup_num_steps"), tr.warmup_steps, "scheduler.params.warmup_num_steps",
-                        "train.warmup_steps", src)
-        sp["warmup_num_steps"] = int(warmup)
-        total = sp.get("total_num_steps", "auto")
-        if total not in ("auto", None) and total != tr.steps:
-            raise UserError(f"{src} sets scheduler.params.total_num_steps={total} but config 'train.steps' = "
-                            f"{tr.steps}: they contradict; use \"auto\" in the JSON")
-        sp["total_num_steps"] = tr.steps
-        if stype == "WarmupDecayLR":
-            max_lr = sp.get("warmup_max_lr", "auto")
-            if max_lr not in ("auto", None) and float(max_lr) != params["lr"]:
-                raise UserError(f"{src}: scheduler.params.warmup_max_lr={max_lr} differs from the lr {params['lr']}")
-            sp["warmup_max_lr"] = params["lr"]
-            sp.setdefault("warmup_min_lr", 0.0)
-        if warmup > tr.steps:
-            raise UserError(f"warmup steps {warmup} exceed config 'train.steps' = {tr.steps}")
-    elif tr.warmup_steps not in ("auto", 0):
-        raise UserError(f"config 'train.warmup_steps' = {tr.warmup_steps} but {src} has no scheduler: add one")
-
+    clip = _merge(ds.get("gradient_clipping"), tr.grad_clip, "gradient_clipping", "train.grad_clip", src,
+                  default=1.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
+        raise UserError(f"{src}: gradient_clipping = {clip!r} must be a number >= 0 (0: no clipping)")
+    ds["gradient_clipping"] = float(clip)
+    warmup = _resolve_scheduler(ds, tr, params["lr"], src)
     _resolve_precision(ds, accelerator, src)
     tr.micro_batch_size, tr.grad_accum, tr.lr, tr.warmup_steps = mbs, gas, float(lr), int(warmup)
+    tr.grad_clip = float(clip)
     return ds
+
+
+_SCHEDULERS = {"WarmupCosineLR": "cosine", "WarmupDecayLR": "linear"}
+
+
+def _resolve_scheduler(ds: dict, tr: TrainConfig, lr: float, src: str) -> int:
+    """Fill the scheduler (type "auto": from train.lr_schedule, cosine when both are auto); returns warmup."""
+    sched = ds.get("scheduler")
+    if sched is None:
+        if tr.warmup_steps not in ("auto", 0) or tr.lr_schedule != "auto":
+            raise UserError(f"config 'train.warmup_steps' / 'train.lr_schedule' are set but {src} has no "
+                            f"scheduler: add one (type \"auto\")")
+        return 0
+    stype = sched.get("type") if isinstance(sched, dict) else None
+    if stype != "auto" and stype not in _SCHEDULERS:
+        raise UserError(f"{src}: scheduler.type = {stype!r}; use \"auto\", WarmupDecayLR or WarmupCosineLR")
+    kind = _merge(_SCHEDULERS.get(stype, "auto"), tr.lr_schedule, f"scheduler.type ({stype})",
+                  "train.lr_schedule", src, default="cosine")
+    sched["type"] = {v: k for k, v in _SCHEDULERS.items()}[kind]
+    sp = sched.setdefault("params", {})
+    warmup = _merge(sp.get("warmup_num_steps"), tr.warmup_steps, "scheduler.params.warmup_num_steps",
+                    "train.warmup_steps", src)
+    sp["warmup_num_steps"] = int(warmup)
+    total = sp.get("total_num_steps", "auto")
+    if total not in ("auto", None) and total != tr.steps:
+        raise UserError(f"{src} sets scheduler.params.total_num_steps={total} but config 'train.steps' = "
+                        f"{tr.steps}: they contradict; use \"auto\" in the JSON")
+    sp["total_num_steps"] = tr.steps
+    sp.setdefault("warmup_type", "linear")
+    if kind == "linear":   # warmup to lr, then linear decay to 0 (UNITER's warmup_linear)
+        max_lr = sp.get("warmup_max_lr", "auto")
+        if max_lr not in ("auto", None) and float(max_lr) != lr:
+            raise UserError(f"{src}: scheduler.params.warmup_max_lr={max_lr} differs from the lr {lr}")
+        sp["warmup_max_lr"] = lr
+        sp.setdefault("warmup_min_lr", 0.0)
+    else:
+        sp.setdefault("warmup_min_ratio", 0.0)
+        sp.setdefault("cos_min_ratio", 0.01)
+    if warmup > tr.steps:
+        raise UserError(f"warmup steps {warmup} exceed config 'train.steps' = {tr.steps}")
+    tr.lr_schedule = kind
+    return warmup
 
 
 def _resolve_precision(ds: dict, accelerator: str, src: str) -> None:

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from models.image_encoder import ImageTokens
+from pipeline.errors import UserError
 
 IMAGE_KEYS = ("pixels", "boxes", "region_feat", "region_pos", "region_mask")
 TEXT_KEYS = ("input_ids", "text_mask", "word_index", "word_to_region")
@@ -54,9 +55,19 @@ class CandidatePool:
     def __len__(self) -> int:
         return sum(b["image_id"].shape[0] for b in self.batches)
 
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``n`` distinct pool rows (fewer if the pool is smaller), chosen by ``generator``."""
-        return torch.randperm(len(self), generator=generator)[:n]
+    def draw_per_anchor(self, anchor_ids: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Pool rows [A, n]: for each anchor its own ``n`` distinct random candidates of another image id
+        (the authors draw fresh random negatives per anchor). One random key per (anchor, row); rows of
+        the anchor's own image get key 2 and are never among the ``n`` smallest while enough others exist."""
+        ids = self.image_ids()
+        valid = candidate_valid(anchor_ids.cpu(), ids)
+        short = int((valid.sum(1) < n).sum())
+        if short:
+            raise UserError(f"the hard-negative pool holds {len(ids)} candidates, fewer than "
+                            f"finetune.negative_size ({n}) with another image id for {short} anchor(s): raise "
+                            f"finetune.pool_size or lower finetune.negative_size")
+        keys = torch.rand(valid.shape, generator=generator).masked_fill_(~valid, 2.0)
+        return keys.topk(n, dim=1, largest=False, sorted=False).indices
 
     def image_ids(self) -> torch.Tensor:
         return torch.cat([b["image_id"] for b in self.batches])
@@ -90,17 +101,6 @@ def score_grid(score_fn: Callable[[dict, ImageTokens], torch.Tensor], texts: dic
         t, i = flat_t[s:s + chunk], flat_i[s:s + chunk]
         out.append(score_fn(text_rows(texts, t), index_tokens(tokens, i)).float())
     return torch.cat(out).view(text_idx.shape)
-
-
-def hardest(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
-    """Column indices [A, k] of the k highest scores per row among ``valid`` columns."""
-    masked = scores.masked_fill(~valid, float("-inf"))
-    return masked.topk(k, dim=1).indices
-
-
-def preselect_by_similarity(sim: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
-    """ITC shortlist: the ``n`` most similar valid candidates per anchor -> column indices [A, n]."""
-    return sim.masked_fill(~valid, float("-inf")).topk(n, dim=1).indices
 
 
 def margin_rank_loss(pos: torch.Tensor, neg: torch.Tensor, margin: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ from pipeline.finetune_step import FinetuneStep
 from pipeline.negatives import CandidatePool
 from pipeline.setup_data import build_model, ensure_data, ensure_tokenizer, loader_config, to_device
 from pipeline.stream import BatchStream
-from pipeline.validation import evaluate_split, recall_table
+from pipeline.validation import evaluate_split, recall_table, relations_split, winoground_on_split
 
 
 def run(config_path: Optional[str], overrides: list[str], ds_path: str) -> int:
@@ -54,18 +54,28 @@ class FinetuneJob:
             T.init_rank_head(engine, run)
         self.stream = BatchStream(self.loader_cfg, tokenizer, run.rank, run.world_size,
                                   state=client["loader"] if client else None)
-        self.pool = CandidatePool(math.ceil(cfg.finetune.pool_size / mbs))
-        for batch in self.stream.history(self.pool.batches.maxlen - 1):   # exact refill after a resume
-            self.pool.add(batch)
-        self.step_fn = FinetuneStep(cfg, engine, self.pool, run.device, cfg.train.steps)
+        self.pool = self.fill_pool(CandidatePool(math.ceil(cfg.finetune.pool_size / mbs)), resumed=client is not None)
+        self.step_fn = FinetuneStep(cfg, engine.module, self.pool, run.device, cfg.train.steps, forward=engine)
         self.tracker = T.open_tracker(run, client)
         self._val_split = None
 
     # ---- data -------------------------------------------------------------------------------------
+    def fill_pool(self, pool: CandidatePool, resumed: bool) -> CandidatePool:
+        """The pool holds the last ``capacity`` batches of the stream, the step's own included. A fresh run
+        reads ``capacity - 1`` batches into it before step 0 (so the first step mines from a full pool); a
+        resumed run replays the same ``capacity - 1`` batches before its position, so its pool equals the
+        uninterrupted run's."""
+        fill = pool.batches.maxlen - 1
+        for batch in (self.stream.history(fill) if resumed else (next(self.stream) for _ in range(fill))):
+            pool.add(batch)
+        return pool
+
     def eval_split(self, split: str):
+        """An EvalData of ``split`` (train/val/test, or a shards path)."""
         from pipeline.loader import load_eval_split
-        lcfg = loader_config(self.cfg, split_path(self.cfg, split), self.engine.module, 1)
-        return load_eval_split(split_path(self.cfg, split), self.tokenizer, lcfg)
+        path = split_path(self.cfg, split) if split in ("train", "val", "test") else split
+        lcfg = loader_config(self.cfg, path, self.engine.module, 1)
+        return load_eval_split(path, self.tokenizer, lcfg)
 
     # ---- loop -------------------------------------------------------------------------------------
     def train(self) -> None:
@@ -139,6 +149,9 @@ class FinetuneJob:
         if cfg.eval.test and split_path(cfg, "test"):
             pictures = run.run_dir / "pictures" / "test"
             metrics = evaluate_split(self.engine.module, self.eval_split("test"), cfg.eval, pictures)
+            relations = relations_split(cfg)
+            if relations is not None and cfg.eval.winoground:
+                metrics.update(winoground_on_split(self.engine.module, self.eval_split(relations), cfg.eval))
             if run.is_main and pictures.is_dir():
                 self.tracker.log_artifact(pictures, "pictures/test")
             self.tracker.log_metrics({f"test/{k}": v for k, v in metrics.items()}, self.step)

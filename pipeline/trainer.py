@@ -157,10 +157,27 @@ def step_generator(cfg: ExperimentConfig, step: int, rank: int, salt: int = 0) -
 
 # ----------------------------------------------------------------------------- engine
 
+_NORMS = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm, torch.nn.RMSNorm)
+
+
+def parameter_groups(model: torch.nn.Module, decay_bias_and_norm: bool) -> list[dict]:
+    """Optimizer groups: biases and normalisation weights without weight decay (as UNITER/IAIS and BERT:
+    decaying a LayerNorm gain pulls it to 0), unless ``decay_bias_and_norm``. Other groups take the
+    DeepSpeed JSON's weight_decay."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if decay_bias_and_norm:
+        return [{"params": trainable}]
+    exempt = {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
+    exempt |= {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
+    groups = [{"params": [p for p in trainable if id(p) not in exempt]},
+              {"params": [p for p in trainable if id(p) in exempt], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def create_engine(model: torch.nn.Module, run: Run):
     import deepspeed
-    params = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=run.ds_config)
+    groups = parameter_groups(model, run.cfg.train.decay_bias_and_norm)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=run.ds_config)
     return engine
 
 

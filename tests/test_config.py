@@ -160,3 +160,51 @@ def test_shipped_configs_load():
     assert (paper.finetune.negative_size, paper.finetune.hard_size, paper.train.lr, paper.train.steps,
             paper.train.warmup_steps, paper.finetune.margin, paper.finetune.iais.schedule) == (
         399, 31, 5e-5, 5000, 500, 0.2, "exp")
+
+
+@pytest.mark.parametrize("name", ["flickr30k_base.yaml", "coco_base.yaml"])
+def test_paper_configs_carry_the_authors_optimiser_and_balance(name):
+    """UNITER/IAIS: AdamW betas (0.9, 0.98), wd 0.01 without biases/LayerNorm, linear decay to 0, clip 2.0,
+    both directions every step, IAIS weight 8 (their rank.mean() / train_batch_size + s(t) IAIS)."""
+    cfg = load_config(REPO / "launch" / "configs" / name)
+    ds = resolve_ds_config(read_ds_config(ZERO2), cfg, world_size=1, accelerator="cpu")
+    assert ds["gradient_clipping"] == 2.0
+    assert ds["scheduler"]["type"] == "WarmupDecayLR"
+    sp = ds["scheduler"]["params"]
+    assert (sp["warmup_num_steps"], sp["total_num_steps"], sp["warmup_min_lr"], sp["warmup_max_lr"],
+            sp["warmup_type"]) == (500, 5000, 0.0, 5e-5, "linear")
+    assert ds["optimizer"]["params"]["betas"] == [0.9, 0.98] and ds["optimizer"]["params"]["weight_decay"] == 0.01
+    assert not cfg.train.decay_bias_and_norm
+    ft = cfg.finetune
+    assert (ft.directions, ft.iais.side, ft.iais.weight, cfg.train.micro_batch_size) == ("both", "alternate", 8.0, 8)
+
+
+def test_schedule_and_clipping_default_when_both_auto_and_must_agree():
+    cfg = _cfg("train.micro_batch_size=8", "train.lr=0.001", "train.warmup_steps=1")
+    ds = resolve_ds_config(read_ds_config(ZERO2), cfg, world_size=1, accelerator="cpu")
+    assert ds["gradient_clipping"] == 1.0 and ds["scheduler"]["type"] == "WarmupCosineLR"
+    assert ds["scheduler"]["params"]["cos_min_ratio"] == 0.01
+    own = read_ds_config(ZERO2)
+    own["gradient_clipping"], own["scheduler"]["type"] = 1.0, "WarmupCosineLR"
+    for sets, needle in ((["train.grad_clip=2.0"], "gradient_clipping=1.0"),
+                         (["train.lr_schedule=linear"], "scheduler.type")):
+        cfg = _cfg("train.micro_batch_size=8", "train.lr=0.001", "train.warmup_steps=1", *sets)
+        with pytest.raises(UserError, match=needle):
+            resolve_ds_config(own, cfg, world_size=1, accelerator="cpu")
+
+
+def test_parameter_groups_exempt_biases_and_norms_from_decay():
+    import models
+    from pipeline.trainer import parameter_groups
+    model = models.create_model("tiny")
+    decay, exempt = parameter_groups(model, decay_bias_and_norm=False)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert exempt["weight_decay"] == 0.0 and "weight_decay" not in decay
+    exempt_names = {names[id(p)] for p in exempt["params"]}
+    assert all(n.endswith("bias") or "norm" in n.lower() or "ln" in n.lower() for n in exempt_names)
+    assert any(n.endswith("bias") for n in exempt_names) and any(not n.endswith("bias") for n in exempt_names)
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert not any(n.endswith("bias") or n.endswith("norm.weight") for n in decay_names)
+    assert "embeddings.word.weight" in decay_names or any("embeddings" in n for n in decay_names)
+    assert len(decay["params"]) + len(exempt["params"]) == len(list(model.parameters()))
+    assert len(parameter_groups(model, decay_bias_and_norm=True)) == 1

@@ -53,10 +53,10 @@ def common_sets(tiny_data: dict, run_dir: Path, uri: str | None, steps: int = 4)
     return sets
 
 
-def launch(stage: str, zero: str, sets: list[str], nprocs: int = 2, timeout: int = 400) -> str:
+def launch(stage: str, zero: str, sets: list[str], nprocs: int = 2, timeout: int = 400, config=None) -> str:
     ds_config = zero if zero.endswith(".json") else f"ds_configs/{zero}.json"
     cmd = [str(DEEPSPEED), "--num_gpus", str(nprocs), "--master_port", str(_free_port()),
-           f"launch/{stage}.py", "--deepspeed_config", ds_config]
+           f"launch/{stage}.py", "--deepspeed_config", ds_config] + (["--config", str(config)] if config else [])
     for s in sets:
         cmd += ["--set", s]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
@@ -117,6 +117,26 @@ def test_finetune_zero2_two_ranks_logs_to_mlflow(tiny_data, mlflow_server, tmp_p
     assert list((run_dir / "pictures" / "test").glob("attention_*.png"))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"configs", "model", "pictures"} <= artifacts, artifacts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("paper", ["flickr30k_base", "coco_base"])
+def test_paper_config_finetune_section_trains_from_step_0(paper, tiny_data, tmp_path):
+    """The paper's fine-tune section as shipped (micro-batch 8, 399 candidates per anchor, 31 kept, pool 4096,
+    both directions) on the tiny model: the pool is filled before step 0, so mining works from the first step."""
+    run_dir = tmp_path / paper
+    sets = [s for s in common_sets(tiny_data, run_dir, None, steps=2)
+            if s.split("=")[0] not in ("train.micro_batch_size", "train.lr") and not s.startswith("finetune.")]
+    launch("finetune", "zero2", [*sets, "data.image_mode=patch", "model.preset=tiny", "model.init=null",
+                                 "data.vocab_size=100", "train.val_every=0", "eval.test=false",
+                                 "checkpoint.export=false", "checkpoint.every=0", "train.threads=2"],
+           nprocs=1, config=REPO / "launch" / "configs" / f"{paper}.yaml")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["pairs_scored"] == 2 * 8 * 399 and r["pairs_trained"] == 8 + 2 * 8 * 31
+        assert math.isfinite(r["rank_loss_t2i"]) and math.isfinite(r["rank_loss_i2t"]) and r["iais_loss"] > 0
 
 
 @pytest.mark.slow
