@@ -14,10 +14,11 @@ from pipeline.errors import UserError
 from pipeline.shards import read_manifest
 from pipeline.tokenizer import iter_captions
 from test_shards import members as tar_members
-from pipeline.synthetic import (PALETTE, SHAPES, SyntheticConfig, build_synthetic_dataset,
-                                ensure_synthetic_dataset, load_synthetic_config)
+from pipeline.synthetic import (PALETTE, SHAPES, SPLITS, Caption, Fact, Scene, SceneObject, SyntheticConfig,
+                                build_synthetic_dataset, ensure_synthetic_dataset, load_synthetic_config,
+                                retrieval_ceiling)
 
-CFG = SyntheticConfig(seed=3, train=60, val=6, test=24, shard_samples=16)
+CFG = SyntheticConfig(seed=3, train=60, val=6, test=24, relations=8, shard_samples=16)
 RELATION_WORDS = {"left": "left", "right": "right", "above": "above", "top": "above",
                   "below": "below", "under": "below"}
 
@@ -37,7 +38,7 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(root) -> dict[str, dict[str, dict]]:
-    return {split: read_split(root / split) for split in ("train", "val", "test")}
+    return {split: read_split(root / split) for split in SPLITS}
 
 
 def holds(rel: str, a: list[int], b: list[int]) -> bool:
@@ -63,7 +64,8 @@ def find_object(objects: list[dict], size: str, color: str, shape: str) -> int:
 
 
 def test_manifests_match_tar_contents(root, data):
-    for split in ("train", "val", "test"):
+    assert SPLITS == ("train", "val", "test", "relations") and CFG.count("relations") == 2 * CFG.relations
+    for split in SPLITS:
         manifest = read_manifest(root / split)
         assert manifest["split"] == split and manifest["samples"] == CFG.count(split)
         for shard in manifest["shards"]:
@@ -82,9 +84,18 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs(root, tmp_path):
     assert len(files) > 8
     for rel in files:
         assert (root / rel).read_bytes() == (again / rel).read_bytes(), rel
-    other = build_synthetic_dataset(tmp_path / "other", SyntheticConfig(seed=4, train=16, val=0, test=0),
-                                    progress=False)
+    other = build_synthetic_dataset(tmp_path / "other", SyntheticConfig(seed=4, train=16, val=0, test=0,
+                                                                        relations=0), progress=False)
     assert (other / "train/00000.tar").read_bytes() != (root / "train/00000.tar").read_bytes()
+
+
+def test_changing_one_split_size_leaves_the_others_unchanged(root, tmp_path):
+    bigger_val = build_synthetic_dataset(tmp_path, SyntheticConfig(**{**CFG.to_dict(), "val": 10}),
+                                         progress=False)
+    for split in ("train", "test", "relations"):
+        for path in sorted((root / split).iterdir()):
+            assert path.read_bytes() == (bigger_val / split / path.name).read_bytes(), path
+    assert (root / "val/00000.tar").read_bytes() != (bigger_val / "val/00000.tar").read_bytes()
 
 
 def test_annotations_are_consistent(data):
@@ -137,18 +148,22 @@ def test_relational_captions_are_true_and_most_captions_relational(data):
     assert relational / total >= 0.75
 
 
-def test_swap_quadruples_are_valid(root, data):
-    test = data["test"]
-    quads = json.loads((root / "test/quadruples.json").read_text())
-    assert len(quads) == CFG.test // 2
+def test_only_the_relations_split_carries_quadruples(root):
+    assert (root / "relations" / "quadruples.json").is_file()
+    assert not any((root / s / "quadruples.json").exists() for s in ("train", "val", "test"))
+
+
+@pytest.mark.parametrize("split", ["relations"])
+def test_swap_quadruples_are_valid(root, data, split):
+    test = data[split]
+    quads = json.loads((root / split / "quadruples.json").read_text())
+    assert len(quads) == CFG.count(split) // 2
     for q in quads:
         m0, m1 = test[q["image0"]]["meta"], test[q["image1"]]["meta"]
         assert m0["swap"]["partner"] == q["image1"] and m1["swap"]["partner"] == q["image0"]
         assert m0["captions"][m0["swap"]["caption"]] == q["caption0"]
         assert m1["captions"][m0["swap"]["partner_caption"]] == q["caption1"]
         assert q["caption1"] not in m0["captions"] and q["caption0"] not in m1["captions"]
-        attrs = lambda m: sorted((o["size"], o["color"], o["shape"]) for o in m["objects"])  # noqa: E731
-        assert attrs(m0) == attrs(m1)
         w0, w1 = q["caption0"].split(), q["caption1"].split()
         assert sorted(w0) == sorted(w1) and w0 != w1
         rel, a, b = parse_relation(q["caption0"], m0["word_objects"][m0["swap"]["caption"]])
@@ -169,19 +184,19 @@ def test_iter_captions_reads_every_caption(root, data):
 
 
 def test_ensure_builds_once_and_rebuilds_on_new_config(tmp_path):
-    cfg = SyntheticConfig(train=8, val=2, test=4, shard_samples=4)
+    cfg = SyntheticConfig(train=8, val=2, test=4, relations=2, shard_samples=4)
     root = ensure_synthetic_dataset(tmp_path / "d", cfg, progress=False)
     stamp = (root / "train/00000.tar").stat().st_mtime_ns
     assert ensure_synthetic_dataset(root, cfg, progress=False) == root
     assert (root / "train/00000.tar").stat().st_mtime_ns == stamp
-    bigger = SyntheticConfig(train=12, val=2, test=4, shard_samples=4)
+    bigger = SyntheticConfig(train=12, val=2, test=4, relations=2, shard_samples=4)
     ensure_synthetic_dataset(root, bigger, progress=False)
     assert read_manifest(root / "train")["samples"] == 12 and load_synthetic_config(root) == bigger
 
 
 @pytest.mark.parametrize("bad", [
     {"min_objects": 1}, {"max_objects": 9}, {"shapes": ("circle", "blob")}, {"colors": ()},
-    {"attribute_captions": 5}, {"image_size": 16}, {"train": -1}, {"small_frac": 0.3},
+    {"attribute_captions": 5}, {"image_size": 16}, {"train": -1}, {"small_frac": 0.3}, {"relations": -1},
 ])
 def test_config_validation(bad):
     with pytest.raises(UserError, match="synthetic config: " + next(iter(bad))):
@@ -190,9 +205,32 @@ def test_config_validation(bad):
 
 def test_other_image_size_and_fewer_shapes(tmp_path):
     cfg = SyntheticConfig(train=6, val=0, test=2, image_size=64, shapes=("circle", "square", "cross", "star"),
-                          max_objects=3, shard_samples=50)
+                          max_objects=3, relations=2, shard_samples=50)
     root = build_synthetic_dataset(tmp_path, cfg, progress=False)
     train = read_split(root / "train")
     assert {o["shape"] for s in train.values() for o in s["meta"]["objects"]} <= set(cfg.shapes)
     assert all(Image.open(io.BytesIO(s["jpg"])).size == (64, 64) for s in train.values())
     assert read_manifest(root / "val")["samples"] == 0
+
+
+def _obj(kind: str, box: tuple[int, int, int, int]) -> SceneObject:
+    size, color, shape = kind.split()
+    return SceneObject(shape, color, size, box, PALETTE[color])
+
+
+def test_retrieval_ceiling_counts_captions_true_of_another_image():
+    red, blue = "small red circle", "large blue square"
+    left = Scene((_obj(red, (0, 0, 10, 10)), _obj(blue, (40, 0, 60, 20))), (200, 200, 200))
+    right = Scene((_obj(red, (50, 0, 60, 10)), _obj(blue, (0, 30, 20, 50))), (200, 200, 200))
+    kinds = [o.kind() for o in left.objects]
+    red_left_of_blue = Caption("a small red circle left of a large blue square", (), Fact(*kinds, "left"))
+    red_and_blue = Caption("a small red circle and a large blue square", (), Fact(*kinds))
+    blue_left_of_red = Caption("a large blue square left of a small red circle", (),
+                               Fact(*kinds[::-1], "left"))
+    ceiling = retrieval_ceiling([left, right], [[red_left_of_blue, red_and_blue], [red_and_blue]])
+    # only the first caption is true of its own image alone; the attribute caption fits both images
+    assert ceiling == {"t2i_r1_ceiling": 1 / 3, "i2t_r1_ceiling": 1 / 2, "relational": 1 / 3,
+                       "relation_needed": 1 / 3}
+    ceiling = retrieval_ceiling([left, right], [[red_left_of_blue], [blue_left_of_red]])
+    keys = ("t2i_r1_ceiling", "i2t_r1_ceiling", "relational", "relation_needed")
+    assert ceiling == dict.fromkeys(keys, 1.0)
