@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quadruples", help="JSON list of {image0, caption0, image1, caption1} (image keys and "
                                         "caption strings) for Winoground scores (default: the split's "
                                         "quadruples.json)")
+    p.add_argument("--relations", help="a split of relation-swap quadruples (images + quadruples.json) whose "
+                                       "Winoground scores replace the evaluated split's (default: the embedded "
+                                       "demo's relations split when --shards is not given)")
     p.add_argument("--out", default="runs/evaluate", help="output directory (default: %(default)s)")
     p.add_argument("--k", type=int, default=16,
                    help="two-stage: images shortlisted per text query by ITC "
@@ -149,8 +152,10 @@ def load_tokenizer_for(args: argparse.Namespace, demo_cfg):
 
 def resolve_split(args: argparse.Namespace):
     """(shards spec, demo experiment config or None)."""
+    from pipeline.config import check_shards_exist
+    if args.relations:
+        check_shards_exist(args.relations, "--relations")
     if args.shards:
-        from pipeline.config import check_shards_exist
         check_shards_exist(args.shards, "--shards")
         return args.shards, None
     from pipeline.config import load_config, split_path
@@ -196,9 +201,13 @@ def results_table(metrics: dict[str, float]) -> str:
     if "full_pairs_per_s" in metrics:
         lines.append(f"full scoring: {metrics['full_pairs_per_s']:.0f} pairs/s")
     isd = [f"{k}={v:.4f}" for k, v in metrics.items()
-           if k.startswith("isd") and not k.endswith(("seconds", "pairs"))]
+           if k.startswith("isd_") and not k.endswith(("seconds", "pairs"))]
     if isd:
-        lines.append("ISD: " + "  ".join(isd))
+        lines.append("ISD (paper, what IAIS minimises): " + "  ".join(isd))
+    if "isda" in metrics:
+        lines.append(f"ISDa (relation consistency vs annotations, 0 = consistent): {metrics['isda']:.4f} over "
+                     f"{int(metrics.get('isda_words', 0))} of {int(metrics.get('isda_words_annotated', 0))} "
+                     f"annotated words matched to a region; grounding accuracy {metrics.get('grounding_acc', 0):.1f}%")
     wino = [f"{k}={metrics[k]:.1f}" for k in ("wino_text", "wino_image", "wino_group") if k in metrics]
     if wino:
         lines.append(f"Winoground ({int(metrics['wino_quadruples'])} quadruples): " + "  ".join(wino))
@@ -239,6 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     import torch
     from pipeline import distributed as ddp
     from pipeline.evaluation import evaluate
+    from pipeline.validation import relations_split, winoground_on_split
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = eval_config(args)
@@ -257,6 +267,9 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     out = Path(args.out)
     pictures = out / "pictures" if cfg.pictures else None
     result = evaluate(model, data, cfg, quadruples=quads, picture_dir=pictures)
+    relations = args.relations or (relations_split(demo_cfg) if demo_cfg is not None else None)
+    if relations and cfg.winoground:
+        result.metrics.update(winoground_on_split(model, load_data(args, relations, model, tokenizer), cfg))
     if ddp.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         payload = {"model": str(args.model), "shards": str(shards), "images": data.n_images,

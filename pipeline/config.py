@@ -152,6 +152,7 @@ class CheckpointConfig:
     resume: Union[bool, Auto, str] = False   # True/"auto": continue from <run_dir>/checkpoints latest; or a dir
     export: bool = True                   # consolidated fp32 save_pretrained dir at the end
     keep_best: bool = True                # keep the best validation model (by rsum) as <run_dir>/best
+    ignore_config_change: bool = False    # resume even if the training-relevant config differs from the checkpoint's
 
 
 @dataclass
@@ -265,6 +266,26 @@ def _build(cls, raw: dict, where: str):
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# Keys that change what is logged, evaluated or saved, not what is trained: a resume may change them.
+_NOT_TRAINING = ("name", "run_dir", "tracking.", "eval.", "checkpoint.", "train.log_every", "train.val_every",
+                 "train.threads", "data.num_workers", "data.val", "data.test", "data.relations")
+
+
+def training_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The flattened config keys that determine the training trajectory (JSON-safe), for resume checks."""
+    flat = flatten(to_dict(cfg))
+    return {k: json.loads(json.dumps(v, default=str)) for k, v in sorted(flat.items())
+            if not any(k == n or (n.endswith(".") and k.startswith(n)) for n in _NOT_TRAINING)}
+
+
+def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key: saved -> current' for every key whose value differs (or exists on one side only)."""
+    def shown(d: dict, k: str) -> str:
+        return repr(d[k]) if k in d else "(absent)"
+    return [f"{k}: {shown(saved, k)} -> {shown(current, k)}" for k in sorted(set(saved) | set(current))
+            if k not in saved or k not in current or saved[k] != current[k]]
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -44,7 +44,7 @@ class FinetuneJob:
         mbs = cfg.train.micro_batch_size
         self.loader_cfg = loader_config(cfg, train_spec, engine.module, mbs)
         self.step, self.best_rsum, self.best_tag, client = 0, -1.0, None, None
-        resume = T.resume_dir(run)
+        resume = T.resume_point(run.cfg)
         if resume is not None:
             client = T.load_checkpoint(engine, run, resume)
             self.step = client["step"]
@@ -54,7 +54,8 @@ class FinetuneJob:
             T.init_rank_head(engine, run)
         self.stream = BatchStream(self.loader_cfg, tokenizer, run.rank, run.world_size,
                                   state=client["loader"] if client else None)
-        self.pool = self.fill_pool(CandidatePool(math.ceil(cfg.finetune.pool_size / mbs)), resumed=client is not None)
+        pool = CandidatePool(math.ceil(cfg.finetune.pool_size / mbs))
+        self.pool = self.fill_pool(pool, resumed=client is not None)
         self.step_fn = FinetuneStep(cfg, engine.module, self.pool, run.device, cfg.train.steps, forward=engine)
         self.tracker = T.open_tracker(run, client)
         self._val_split = None

@@ -47,7 +47,7 @@ class PretrainJob:
         cfg = self.cfg = run.cfg
         self.weights = [w for _, w in srcs]
         self.step, client = 0, None
-        resume = T.resume_dir(run)
+        resume = T.resume_point(run.cfg)
         if resume is not None:
             client = T.load_checkpoint(engine, run, resume)
             self.step = client["step"]

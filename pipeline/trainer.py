@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from pipeline import distributed as dist_utils
-from pipeline.config import (ExperimentConfig, read_ds_config, resolve_ds_config, resolve_path, to_dict,
-                             validate_paths, load_config)
+from pipeline.config import (ExperimentConfig, fingerprint_changes, read_ds_config, resolve_ds_config, resolve_path,
+                             to_dict, training_fingerprint, validate_paths, load_config)
 from pipeline.errors import UserError
 
 CLIENT_FILE = "relalign_rank{rank}.pt"
@@ -55,6 +55,7 @@ def prepare(stage: str, config_path: Optional[str], overrides: list[str], ds_pat
     validate_paths(cfg, stage)
     ds = resolve_ds_config(read_ds_config(ds_path), cfg, dist_utils.world_size(), accelerator_name(),
                            src=f"ds_config {ds_path}")
+    check_resume_config(cfg, resume_point(cfg))
     return cfg, ds
 
 
@@ -224,14 +225,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+COMPLETE_FILE = "relalign_complete.json"
+
+
 def save_checkpoint(engine, run: Run, step: int, loader_state: dict, run_id: Optional[str],
                     extra: Optional[dict] = None, tag: Optional[str] = None) -> str:
-    """DeepSpeed checkpoint ``step<N>`` + this rank's client file (loader position, RNG states).
+    """DeepSpeed checkpoint ``step<N>`` (or ``tag``) + this rank's client file (loader position, RNG states).
 
-    The per-rank file is written before DeepSpeed updates ``latest``, so ``latest`` never names a
-    checkpoint without it.
+    Collective. Complete only once every rank has written its part: DeepSpeed saves without touching
+    ``latest``, a barrier, then rank 0 writes the tag's completion marker (step, world size, training config)
+    and, for step tags, ``latest``, each atomically (temporary file + rename). A job killed before that
+    leaves the previous checkpoint as the one resume picks.
     """
-    save_latest = tag is None
+    step_tag = tag is None
     tag = tag or f"step{step:07d}"
     tag_dir = run.ckpt_dir / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
@@ -239,35 +245,76 @@ def save_checkpoint(engine, run: Run, step: int, loader_state: dict, run_id: Opt
               "extra": extra or {}}
     torch.save(client, tag_dir / CLIENT_FILE.format(rank=run.rank))
     engine.save_checkpoint(str(run.ckpt_dir), tag=tag, client_state={"step": step, "mlflow_run_id": run_id},
-                           save_latest=save_latest)
+                           save_latest=False)
+    dist_utils.barrier()
+    if run.is_main:
+        marker = {"step": step, "world_size": run.world_size, "config": training_fingerprint(run.cfg)}
+        _write_atomic(tag_dir / COMPLETE_FILE, json.dumps(marker, indent=1) + "\n")
+        if step_tag:
+            _write_atomic(run.ckpt_dir / "latest", tag)
+    dist_utils.barrier()
     return tag
 
 
-def resume_dir(run: Run) -> Optional[Path]:
-    """Checkpoint directory to resume from, or None (config checkpoint.resume / --resume)."""
-    resume = run.cfg.checkpoint.resume
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def complete_tags(ckpt_dir: Path) -> list[tuple[int, str]]:
+    """(step, tag) of every complete step checkpoint under ``ckpt_dir``, oldest first."""
+    found = []
+    for marker in ckpt_dir.glob(f"step*/{COMPLETE_FILE}"):
+        try:
+            found.append((int(json.loads(marker.read_text())["step"]), marker.parent.name))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return sorted(found)
+
+
+def resume_point(cfg: ExperimentConfig) -> Optional[tuple[Path, str]]:
+    """(checkpoint directory, tag) to resume from, or None (config checkpoint.resume / --resume): the newest
+    complete step checkpoint; a partial one (a job killed while saving) is never resumed."""
+    resume = cfg.checkpoint.resume
     if resume is False:
         return None
-    path = run.ckpt_dir if resume in (True, "auto") else resolve_path(str(resume))
-    if not (path / "latest").is_file():
+    path = resolve_path(cfg.run_dir) / "checkpoints" if resume in (True, "auto") else resolve_path(str(resume))
+    tags = complete_tags(path)
+    if not tags:
         if resume == "auto":
             return None
-        raise UserError(f"checkpoint.resume: {path} has no 'latest' checkpoint to resume from")
-    return path
+        raise UserError(f"checkpoint.resume: {path} holds no complete checkpoint to resume from")
+    return path, tags[-1][1]
 
 
-def load_checkpoint(engine, run: Run, path: Path) -> dict:
+def check_resume_config(cfg: ExperimentConfig, point: Optional[tuple[Path, str]]) -> None:
+    """UserError when the checkpoint to resume was trained with another training-relevant config."""
+    if point is None or cfg.checkpoint.ignore_config_change:
+        return
+    path, tag = point
+    saved = json.loads((path / tag / COMPLETE_FILE).read_text()).get("config", {})
+    changes = fingerprint_changes(saved, training_fingerprint(cfg))
+    if changes:
+        shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+        raise UserError(f"checkpoint {path / tag} was trained with another config ({shown}): use a new run_dir, "
+                        f"set checkpoint.resume=false, or --set checkpoint.ignore_config_change=true to continue")
+
+
+def load_checkpoint(engine, run: Run, point: tuple[Path, str]) -> dict:
     """Restore engine (model, optimizer, scheduler) and this rank's client state; returns the latter."""
-    load_path, _ = engine.load_checkpoint(str(path), load_optimizer_states=True, load_lr_scheduler_states=True)
+    path, tag = point
+    load_path, _ = engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
     if load_path is None:
-        raise UserError(f"checkpoint.resume: could not load a DeepSpeed checkpoint from {path}")
-    tag = (path / "latest").read_text().strip()
+        raise UserError(f"checkpoint.resume: could not load the DeepSpeed checkpoint {path / tag}")
     file = path / tag / CLIENT_FILE.format(rank=run.rank)
     if not file.is_file():
-        raise UserError(f"checkpoint {path / tag} has no {file.name}: it was written by another world size "
-                        f"or is incomplete; resume with the same number of ranks")
+        raise UserError(f"checkpoint {path / tag} has no {file.name}: it was written by another world size; "
+                        f"resume with the same number of ranks")
     client = torch.load(file, weights_only=False)
     set_rng_state(client["rng"])
+    note(run, f"resumed from checkpoint {path / tag} (step {client['step']})")
     return client
 
 

@@ -12,6 +12,32 @@ def evaluate_split(module, data, cfg, picture_dir=None) -> dict[str, float]:
     return metrics
 
 
+def relations_split(cfg) -> str | None:
+    """The relation-swap quadruple split of an experiment config: data.relations, else <root>/relations
+    when it was built (the synthetic data) or exists."""
+    from pipeline.config import resolve_path, split_path
+    if cfg.data.relations:
+        return cfg.data.relations
+    path = split_path(cfg, "relations")
+    return path if path is not None and resolve_path(path).is_dir() else None
+
+
+def winoground_on_split(module, data, cfg) -> dict[str, float]:
+    """Collective. Winoground text/image/group scores on a split of relation-swap quadruples (an EvalData
+    whose quadruples.json was resolved): 4 pairs scored per quadruple, no retrieval over the split."""
+    from pipeline.evaluation import winoground_metrics
+    if not data.quadruples:
+        return {}
+    import torch
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return winoground_metrics(module, data, data.quadruples, cfg)
+    finally:
+        module.train(was_training)
+
+
 def recall_table(metrics: dict[str, float], title: str) -> str:
     head = f"{title}: " + "  ".join(f"{k}={metrics[k]:.1f}" for k in
                                     ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "rsum")
@@ -22,5 +48,6 @@ def recall_table(metrics: dict[str, float], title: str) -> str:
             rows.append(f"| {name} | " + " | ".join(f"{metrics[f'{prefix}{k}']:.1f}" for k in (1, 5, 10)) + " |")
     extra = [f"rsum {metrics['rsum']:.1f}"] if "rsum" in metrics else []
     extra += [f"{k} {v:.3f}" for k, v in sorted(metrics.items()) if k.startswith("isd_")]
+    extra += [f"{k} {metrics[k]:.3f}" for k in ("isda", "grounding_acc") if k in metrics]
     extra += [f"{k} {v:.1f}" for k, v in sorted(metrics.items()) if k.startswith("wino")]
     return "\n".join([head, *rows, ", ".join(extra)])

@@ -208,3 +208,36 @@ def test_parameter_groups_exempt_biases_and_norms_from_decay():
     assert "embeddings.word.weight" in decay_names or any("embeddings" in n for n in decay_names)
     assert len(decay["params"]) + len(exempt["params"]) == len(list(model.parameters()))
     assert len(parameter_groups(model, decay_bias_and_norm=True)) == 1
+
+
+def _complete_checkpoint(ckpt: Path, step: int, cfg) -> None:
+    import json
+    from pipeline.config import training_fingerprint
+    from pipeline.trainer import COMPLETE_FILE
+    tag = ckpt / f"step{step:07d}"
+    tag.mkdir(parents=True)
+    (tag / COMPLETE_FILE).write_text(json.dumps({"step": step, "world_size": 2,
+                                                 "config": training_fingerprint(cfg)}))
+
+
+def test_resume_picks_the_newest_complete_checkpoint_and_checks_its_config(tmp_path):
+    from pipeline.trainer import check_resume_config, resume_point
+    cfg = _cfg(f"run_dir={tmp_path}", "checkpoint.resume=auto", "train.lr=0.001")
+    ckpt = tmp_path / "checkpoints"
+    assert resume_point(cfg) is None                                   # auto and nothing saved: a fresh run
+    _complete_checkpoint(ckpt, 3, cfg)
+    (ckpt / "step0000006").mkdir()                                      # killed while saving step 6
+    (ckpt / "latest").write_text("step0000006")
+    assert resume_point(cfg) == (ckpt, "step0000003")
+    check_resume_config(cfg, resume_point(cfg))
+    same_training = _cfg(f"run_dir={tmp_path}", "checkpoint.resume=auto", "train.lr=0.001", "train.log_every=5",
+                         "tracking.enabled=false", "eval.score_batch=7")
+    check_resume_config(same_training, resume_point(same_training))
+    changed = _cfg(f"run_dir={tmp_path}", "checkpoint.resume=auto", "train.lr=0.002", "finetune.margin=0.3")
+    with pytest.raises(UserError, match=r"finetune\.margin: 0\.2 -> 0\.3; train\.lr: 0\.001 -> 0\.002"):
+        check_resume_config(changed, resume_point(changed))
+    forced = _cfg(f"run_dir={tmp_path}", "checkpoint.resume=auto", "train.lr=0.002",
+                  "checkpoint.ignore_config_change=true")
+    check_resume_config(forced, resume_point(forced))
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        resume_point(_cfg(f"run_dir={tmp_path / 'other'}", "checkpoint.resume=true"))

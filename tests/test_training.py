@@ -29,7 +29,7 @@ def tiny_data(tmp_path_factory) -> dict:
     from pipeline.tokenizer import SentencePieceTokenizer, iter_captions
     root = tmp_path_factory.mktemp("tiny_data")
     cfg = SyntheticConfig(train=192, val=12, test=12, image_size=32, shard_samples=24, captions_per_image=2,
-                          attribute_captions=1, max_objects=2, large_frac=0.3, small_frac=0.2)
+                          attribute_captions=1, max_objects=2, large_frac=0.3, small_frac=0.2, relations=20)
     ensure_synthetic_dataset(root, cfg, progress=False)
     tok = root / "tok.model"
     SentencePieceTokenizer.train(iter_captions([str(root / "train")]), tok, 100)
@@ -39,6 +39,7 @@ def tiny_data(tmp_path_factory) -> dict:
 def common_sets(tiny_data: dict, run_dir: Path, uri: str | None, steps: int = 4) -> list[str]:
     root = tiny_data["root"]
     sets = [f"data.train={root / 'train'}", f"data.val={root / 'val'}", f"data.test={root / 'test'}",
+            f"data.relations={root / 'relations'}",
             f"data.tokenizer={tiny_data['tokenizer']}", "data.synthetic=null", "data.image_size=32",
             "data.max_text_len=48", "data.num_workers=0", "data.shuffle_buffer=16", TINY_MODEL,
             f"run_dir={run_dir}", f"train.steps={steps}", "train.micro_batch_size=4", "train.lr=1e-3",
@@ -164,7 +165,12 @@ def test_finetune_zero3_export_loads_without_deepspeed_and_scores_the_same(tiny_
         f"split = load_eval_split('{tiny_data['root'] / 'test'}', tok, cfg)\n"
         "torch.set_num_threads(1)\n"
         "cfg = EvalConfig(score_batch=256, two_stage=True, two_stage_k=3, progress=False)\n"
-        "print(json.dumps(evaluate(m, split, cfg).metrics))\n"
+        "metrics = evaluate(m, split, cfg).metrics\n"
+        "from pipeline.validation import winoground_on_split\n"
+        f"relations = load_eval_split('{tiny_data['root'] / 'relations'}', tok, cfg=LoaderConfig(shards='', "
+        "batch_size=1, image_size=32, mean=mean, std=std, interpolation=interp, max_text_len=48))\n"
+        "metrics.update(winoground_on_split(m, relations, cfg))\n"
+        "print(json.dumps(metrics))\n"
         "assert 'deepspeed' not in sys.modules\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -219,6 +225,13 @@ def test_resume_gives_the_same_losses(tiny_data, tmp_path):
     assert sorted(b) == [4, 5, 6]
     for step in (4, 5, 6):
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-9), (step, a, b)
+    # the same run_dir with another training config: refused before any process-group work, keys named
+    cmd = [sys.executable, "launch/finetune.py", "--deepspeed_config", "ds_configs/zero2.json"]
+    for s in common_sets(tiny_data, resumed, None, steps=6) + ["checkpoint.resume=auto", "finetune.margin=0.3"]:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "finetune.margin: 0.2 -> 0.3" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
