@@ -39,7 +39,7 @@ def parse_args() -> argparse.Namespace:
 def demo_split_and_tokenizer():
     """The embedded demo's synthetic test split (built on first use) and its tokenizer."""
     from pipeline.config import load_config, split_path
-    from pipeline.setup_data import ensure_data, ensure_tokenizer
+    from pipeline.train.build import ensure_data, ensure_tokenizer
     cfg = load_config(REPO / "launch" / "configs" / "demo_tiny.yaml")
     ensure_data(cfg, progress=True)
     _, tok = ensure_tokenizer(cfg, [split_path(cfg, "train")])
@@ -48,7 +48,7 @@ def demo_split_and_tokenizer():
 
 def load_model(args, tok, demo_cfg):
     from models import RetrievalModel, create_model
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
     if args.model:
         model = RetrievalModel.from_pretrained(args.model)
         for name in ("tokenizer.model", "tokenizer.txt"):
@@ -66,7 +66,8 @@ def load_model(args, tok, demo_cfg):
 
 
 def load_data(test: str, tok, model, n_images: int):
-    from pipeline.loader import LoaderConfig, load_eval_split
+    from pipeline.data.eval_split import load_eval_split
+    from pipeline.data.loader import LoaderConfig
     mc = model.config
     lc = LoaderConfig.for_model(mc.image.backbone, shards=test, image_size=mc.image.image_size,
                                 max_text_len=mc.max_text_len, num_workers=0)
@@ -113,7 +114,7 @@ def main() -> int:
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     from pipeline.evaluation import EvalConfig, full_retrieval, two_stage_recalls, two_stage_retrieval
-    from pipeline.metrics import retrieval_recalls
+    from pipeline.evaluation.metrics import retrieval_recalls
     test, tok, demo_cfg = demo_split_and_tokenizer()
     model, tok = load_model(args, tok, demo_cfg)
     model = model.to(device).eval()

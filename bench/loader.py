@@ -20,12 +20,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.loader import LoaderConfig, StreamingLoader  # noqa: E402
-from pipeline.tokenizer import SentencePieceTokenizer, iter_captions  # noqa: E402
+from pipeline.data.loader import LoaderConfig, StreamingLoader  # noqa: E402
+from pipeline.data.tokenizer import SentencePieceTokenizer, iter_captions  # noqa: E402
 
 
 def make_data(root: Path, images: int, stored: int, shard_samples: int) -> Path:
-    from pipeline.synthetic import SyntheticConfig, build_synthetic_dataset
+    from pipeline.data.synthetic import SyntheticConfig, build_synthetic_dataset
 
     cfg = SyntheticConfig(seed=0, train=images, val=4, test=4, image_size=stored, shard_samples=shard_samples)
     build_synthetic_dataset(root, cfg, progress=False)

@@ -111,7 +111,7 @@ def _model_config_file(model_dir: Path, given: str | None) -> Path:
 def load_model(path: str, model_config: str | None = None, tag: str | None = None):
     """RetrievalModel from a save_pretrained directory or a DeepSpeed checkpoint directory (fp32)."""
     from models import ModelConfig, RetrievalModel
-    from pipeline.trainer import checkpoint_state_dict
+    from pipeline.train.checkpoint import checkpoint_state_dict
     model_dir = Path(path)
     if (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file():
         return RetrievalModel.from_pretrained(model_dir)
@@ -129,7 +129,7 @@ def load_model(path: str, model_config: str | None = None, tag: str | None = Non
 
 
 def load_tokenizer_for(args: argparse.Namespace, demo_cfg):
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
     if args.tokenizer:
         if not Path(args.tokenizer).is_file():
             raise UserError(f"--tokenizer {args.tokenizer}: no such file")
@@ -140,7 +140,7 @@ def load_tokenizer_for(args: argparse.Namespace, demo_cfg):
                 return load_tokenizer(base / name)
     if demo_cfg is not None:
         from pipeline.config import split_path
-        from pipeline.setup_data import tokenizer_path
+        from pipeline.train.build import tokenizer_path
         path = tokenizer_path(demo_cfg, [split_path(demo_cfg, "train")])
         if path.is_file():
             return load_tokenizer(path)
@@ -159,14 +159,15 @@ def resolve_split(args: argparse.Namespace):
         check_shards_exist(args.shards, "--shards")
         return args.shards, None
     from pipeline.config import load_config, split_path
-    from pipeline.setup_data import ensure_data
+    from pipeline.train.build import ensure_data
     cfg = load_config(DEMO_CONFIG)
     ensure_data(cfg, progress=not args.quiet)
     return split_path(cfg, "test"), cfg
 
 
 def load_data(args: argparse.Namespace, shards: str, model, tokenizer):
-    from pipeline.loader import LoaderConfig, load_eval_split
+    from pipeline.data.eval_split import load_eval_split
+    from pipeline.data.loader import LoaderConfig
     mc = model.config
     kw = dict(shards=shards, image_size=mc.image.image_size, max_text_len=mc.max_text_len, num_workers=0,
               image_mode=mc.image.mode, max_regions=args.max_regions, feat_dim=mc.image.feat_dim)
@@ -248,7 +249,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     import torch
     from pipeline import distributed as ddp
     from pipeline.evaluation import evaluate
-    from pipeline.validation import relations_split, winoground_on_split
+    from pipeline.evaluation.evaluate import relations_split, winoground_on_split
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = eval_config(args)

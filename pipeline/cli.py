@@ -93,9 +93,9 @@ def main(stage: str, argv: Optional[list[str]] = None) -> int:
     if args.print_config:
         return exit_code_of(lambda: _print_config(stage, config, overrides, ds_path))
     if stage == "finetune":
-        from pipeline.train_finetune import run
+        from pipeline.train.finetune import run
     else:
-        from pipeline.train_pretrain import run
+        from pipeline.train.pretrain import run
     return exit_code_of(lambda: run(config, overrides, ds_path))
 
 
@@ -103,7 +103,7 @@ def _print_config(stage: str, config: str, overrides: list[str], ds_path: str) -
     import json
     import yaml
     from pipeline.config import to_dict
-    from pipeline.trainer import prepare
+    from pipeline.train.runtime import prepare
     cfg, ds = prepare(stage, config, overrides, ds_path)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     print(json.dumps(ds, indent=2))

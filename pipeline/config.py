@@ -8,9 +8,13 @@ clipping, optimizer and scheduler):
 * a DeepSpeed JSON value may itself be ``"auto"``, which means "fill in from the experiment config"
   (the ds_configs/ shipped here do that for batch size, lr and warmup, so one JSON serves every experiment);
 * when both give a number they must agree, otherwise start-up fails with one line (exit 2);
-* when both say ``"auto"`` start-up fails too (nobody defined the value).
+* when both say ``"auto"`` start-up fails too (nobody defined the value), except for gradient clipping (1.0)
+  and the scheduler type (cosine), which have project defaults.
 The scheduler's ``total_num_steps`` always comes from ``train.steps``. ``bf16.enabled: "auto"`` is resolved
 once, in :func:`resolve_ds_config`, from the accelerator: bf16 on a GPU that supports it, fp32 on CPU.
+
+The whole schema lives here (data, model, train, finetune, pretrain, eval, tracking, checkpoint, and the
+synthetic data's section) with every check, importing nothing of torch and no pipeline module but errors.
 """
 from __future__ import annotations
 
@@ -26,14 +30,131 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from pipeline import evaluation
 from pipeline.errors import UserError
-from pipeline.synthetic import SyntheticConfig   # data.synthetic: section
-from pipeline.tracking import TrackingConfig   # tracking: section (uri None: $MLFLOW_TRACKING_URI, else local store)
 
 Auto = Literal["auto"]
+ALIGNMENTS = ("singular", "distributed", "congruence")   # IAIS alignments (models.iais.ALIGNMENTS)
+SIDES = ("L", "V")                                       # ISD sides reported by evaluation
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = REPO_ROOT / ".cache" / "relalign"
+
+
+SYNTHETIC_SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
+SYNTHETIC_COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
+SYNTHETIC_GAP = 2   # min pixels between object boxes
+
+
+def _opt(default, help_text: str):
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Everything that determines the synthetic dataset (stored in ``<root>/dataset.json``)."""
+
+    seed: int = _opt(0, "random seed; the same seed gives byte-identical shards")
+    train: int = _opt(5000, "images in the train split")
+    val: int = _opt(250, "images in the val split")
+    test: int = _opt(250, "images in the test split (pairs of relation-swapped images)")
+    relations: int = _opt(400, "relation-swap quadruples (pairs of images) in the relations split")
+    image_size: int = _opt(96, "image width = height in pixels")
+    min_objects: int = _opt(2, "fewest objects per image (>= 2)")
+    max_objects: int = _opt(4, "most objects per image")
+    captions_per_image: int = _opt(5, "captions per image")
+    attribute_captions: int = _opt(1, "of those, captions that only list objects (the rest name a relation)")
+    shapes: tuple[str, ...] = _opt(SYNTHETIC_SHAPES, "shapes to draw")
+    colors: tuple[str, ...] = _opt(SYNTHETIC_COLORS, "colours to use")
+    small_frac: float = _opt(0.17, "side of a small object as a fraction of image_size")
+    large_frac: float = _opt(0.27, "side of a large object as a fraction of image_size")
+    color_jitter: int = _opt(12, "max per-channel deviation from the named colour")
+    jpeg_quality: int = _opt(95, "JPEG quality of the stored images")
+    shard_samples: int = _opt(500, "images per tar shard")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shapes", tuple(self.shapes))
+        object.__setattr__(self, "colors", tuple(self.colors))
+        _validate_synthetic(self)
+
+    def side(self, size_index: int) -> int:
+        return max(6, round((self.small_frac, self.large_frac)[size_index] * self.image_size))
+
+    def count(self, split: str) -> int:
+        """Images in ``split``."""
+        counts = {"train": self.train, "val": self.val, "test": self.test, "relations": 2 * self.relations}
+        return counts[split]
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SyntheticConfig":
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise UserError(f"synthetic config: unknown field(s) {', '.join(unknown)}")
+        return cls(**data)
+
+
+def _validate_synthetic(cfg: SyntheticConfig) -> None:
+    def bad(field_name: str, why: str) -> UserError:
+        return UserError(f"synthetic config: {field_name}={getattr(cfg, field_name)!r} {why}")
+
+    for name in ("seed", "train", "val", "test", "relations"):
+        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 0:
+            raise bad(name, "must be an integer >= 0")
+    if not 32 <= cfg.image_size <= 1024:
+        raise bad("image_size", "must be in 32..1024")
+    if not 2 <= cfg.min_objects <= cfg.max_objects:
+        raise bad("min_objects", f"must be >= 2 and <= max_objects ({cfg.max_objects})")
+    if not cfg.shapes or len(set(cfg.shapes)) != len(cfg.shapes) or set(cfg.shapes) - set(SYNTHETIC_SHAPES):
+        raise bad("shapes", f"must be distinct names from {', '.join(SYNTHETIC_SHAPES)}")
+    if not cfg.colors or len(set(cfg.colors)) != len(cfg.colors) or set(cfg.colors) - set(SYNTHETIC_COLORS):
+        raise bad("colors", f"must be distinct names from {', '.join(SYNTHETIC_COLORS)}")
+    if cfg.max_objects > len(cfg.shapes) * len(cfg.colors):
+        raise bad("max_objects", "exceeds the number of distinct (shape, colour) pairs")
+    if not 0.05 <= cfg.small_frac < cfg.large_frac <= 0.4:
+        raise bad("small_frac", f"and large_frac={cfg.large_frac} need 0.05 <= small < large <= 0.4")
+    if cfg.max_objects * (cfg.side(1) + SYNTHETIC_GAP) ** 2 > 0.4 * cfg.image_size ** 2:
+        raise bad("max_objects", "large objects do not fit the image: lower it or large_frac")
+    if cfg.side(0) + SYNTHETIC_GAP > (cfg.image_size - cfg.side(0) - 1) // 2:
+        raise bad("small_frac", "two small objects do not fit in one half of the image: lower it")
+    if cfg.captions_per_image < 1:
+        raise bad("captions_per_image", "must be >= 1")
+    if not 0 <= cfg.attribute_captions < cfg.captions_per_image:
+        raise bad("attribute_captions", f"must be in 0..captions_per_image-1 ({cfg.captions_per_image - 1})")
+    if not 0 <= cfg.color_jitter <= 30:
+        raise bad("color_jitter", "must be in 0..30")
+    if not 1 <= cfg.jpeg_quality <= 100:
+        raise bad("jpeg_quality", "must be in 1..100")
+    if cfg.shard_samples < 1:
+        raise bad("shard_samples", "must be >= 1")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    # None: $MLFLOW_TRACKING_URI if set, else the local store sqlite:///<output_dir>/mlflow.db
+    # (artifacts next to it in <output_dir>/mlartifacts).
+    tracking_uri: str | None = None
+    experiment_name: str = "relalign"
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    queue_size: int = 10000          # pending log calls before the oldest metrics are dropped
+    http_timeout_s: int = 5          # MLFLOW_HTTP_REQUEST_TIMEOUT (whole seconds, MLflow reads an int)
+    http_max_retries: int = 0        # MLFLOW_HTTP_REQUEST_MAX_RETRIES
+    retry_interval_s: float = 30.0   # pause after a failed call before talking to the server again
+    close_timeout_s: float = 60.0    # bound on the final flush (artifacts included)
+
+    def validate(self, where: str = "tracking") -> None:
+        positive = {"queue_size": self.queue_size, "http_timeout_s": self.http_timeout_s,
+                    "close_timeout_s": self.close_timeout_s}
+        for name, value in positive.items():
+            if value <= 0:
+                raise UserError(f"{where}.{name}: must be > 0, got {value!r}")
+        for name in ("http_max_retries", "retry_interval_s"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{where}.{name}: must be >= 0, got {getattr(self, name)!r}")
+        if not self.experiment_name.strip():
+            raise UserError(f"{where}.experiment_name: must not be empty; name the MLflow experiment")
 
 
 @dataclass
@@ -135,15 +256,57 @@ class PretrainConfig:
 
 
 @dataclass
-class EvalConfig(evaluation.EvalConfig):
-    """The evaluation module's settings (full/two-stage retrieval, ISD, Winoground, pictures) plus when and
-    on what the training stages evaluate."""
-    two_stage: bool = False               # the ITC shortlist needs a model pretrained with ITC
+class EvalConfig:
+    """What to evaluate and with which batch sizes (the ``eval`` section, launch/evaluate.py, bench/eval.py).
+
+    score_batch: (text, image) pairs per cross-encoder forward. encode_batch: images per
+    encode_image call and texts/images per ITC embedding call. image_block: images whose backbone
+    tokens a rank holds at once in full retrieval (bounds memory; each image is still encoded once). two_stage_k: images shortlisted per
+    text query by the ITC dual encoder (16 demo, 128 as ALBEF on Flickr30k); two_stage_k_texts:
+    texts shortlisted per image query (None: the same k, as ALBEF). isd_max_pairs: matched pairs
+    used for ISD/ISDa (evenly spaced over the captions; None = all). pictures: how many pairs /
+    queries get a PNG (0 = none).
+    """
+
+    full: bool = True
+    two_stage: bool = False               # the ITC shortlist needs a model trained with ITC
     score_batch: int = 512
+    encode_batch: int = 64
+    image_block: int = 1024
+    two_stage_k: int = 16
+    two_stage_k_texts: int | None = None
+    isd_alignments: tuple[str, ...] = ALIGNMENTS
+    isd_sides: tuple[str, ...] = SIDES
+    isd_layer: int = -1
+    isd_max_pairs: int | None = 256
+    winoground: bool = True
+    pictures: int = 4
     progress: bool = False
     val_max_images: int = 0               # validation on the first N images only (0: all)
     val_captions_per_image: int = 0       # validation with the first K captions of each image (0: all)
     test: bool = True                     # final test evaluation with the best checkpoint's weights
+
+    def __post_init__(self) -> None:
+        for name in ("score_batch", "encode_batch", "image_block", "two_stage_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"eval.{name}={value!r}: give a positive int")
+        if self.two_stage_k_texts is not None and (not isinstance(self.two_stage_k_texts, int)
+                                                   or self.two_stage_k_texts < 1):
+            raise UserError(f"eval.two_stage_k_texts={self.two_stage_k_texts!r}: give a positive int or null")
+        if self.isd_max_pairs is not None and (not isinstance(self.isd_max_pairs, int)
+                                               or self.isd_max_pairs < 0):
+            raise UserError(f"eval.isd_max_pairs={self.isd_max_pairs!r}: give an int >= 0 or null (all)")
+        self.isd_alignments = tuple(self.isd_alignments)
+        self.isd_sides = tuple(self.isd_sides)
+        bad = [a for a in self.isd_alignments if a not in ALIGNMENTS]
+        if bad:
+            raise UserError(f"eval.isd_alignments contains {bad}: use any of {list(ALIGNMENTS)}")
+        bad = [s for s in self.isd_sides if s not in SIDES]
+        if bad:
+            raise UserError(f"eval.isd_sides contains {bad}: use any of {list(SIDES)}")
+        if not isinstance(self.pictures, int) or self.pictures < 0:
+            raise UserError(f"eval.pictures={self.pictures!r}: give an int >= 0")
 
 
 @dataclass
@@ -489,15 +652,8 @@ def _merge(ds_value, exp_value, ds_key: str, exp_key: str, src: str, default=Non
                     f"they contradict; remove one (or make them equal)")
 
 
-def _bf16_supported(accelerator: str) -> bool:
-    if accelerator == "cpu":
-        return False
-    import torch
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
 def resolve_ds_config(ds: dict, cfg: ExperimentConfig, world_size: int, accelerator: str,
-                      src: str = "ds_config") -> dict:
+                      src: str = "ds_config", bf16_supported: bool = False) -> dict:
     """Fill the DeepSpeed JSON's "auto" values from ``cfg`` (and vice versa) and check they agree.
 
     Writes the resolved micro batch size / grad accumulation / lr / warmup back into ``cfg.train`` so the
@@ -532,7 +688,7 @@ def resolve_ds_config(ds: dict, cfg: ExperimentConfig, world_size: int, accelera
         raise UserError(f"{src}: gradient_clipping = {clip!r} must be a number >= 0 (0: no clipping)")
     ds["gradient_clipping"] = float(clip)
     warmup = _resolve_scheduler(ds, tr, params["lr"], src)
-    _resolve_precision(ds, accelerator, src)
+    _resolve_precision(ds, accelerator, src, bf16_supported)
     tr.micro_batch_size, tr.grad_accum, tr.lr, tr.warmup_steps = mbs, gas, float(lr), int(warmup)
     tr.grad_clip = float(clip)
     return ds
@@ -580,10 +736,10 @@ def _resolve_scheduler(ds: dict, tr: TrainConfig, lr: float, src: str) -> int:
     return warmup
 
 
-def _resolve_precision(ds: dict, accelerator: str, src: str) -> None:
+def _resolve_precision(ds: dict, accelerator: str, src: str, bf16_supported: bool) -> None:
     bf16 = ds.setdefault("bf16", {"enabled": False})
     if bf16.get("enabled") == "auto":
-        bf16["enabled"] = _bf16_supported(accelerator)
+        bf16["enabled"] = accelerator != "cpu" and bf16_supported
     fp16 = ds.get("fp16", {})
     if fp16.get("enabled") == "auto":
         fp16["enabled"] = False

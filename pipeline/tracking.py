@@ -27,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.errors import UserError
+from pipeline.config import TrackingConfig
 
 log = logging.getLogger("relalign.tracking")
 
@@ -40,34 +40,6 @@ MAX_PARAMS_TAGS_PER_BATCH = 100
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 VERSIONED_PACKAGES = ("torch", "deepspeed", "timm", "webdataset", "mlflow", "sentencepiece")
-
-
-@dataclasses.dataclass
-class TrackingConfig:
-    enabled: bool = True
-    # None: $MLFLOW_TRACKING_URI if set, else the local store sqlite:///<output_dir>/mlflow.db
-    # (artifacts next to it in <output_dir>/mlartifacts).
-    tracking_uri: str | None = None
-    experiment_name: str = "relalign"
-    run_name: str | None = None
-    tags: dict[str, str] = dataclasses.field(default_factory=dict)
-    queue_size: int = 10000          # pending log calls before the oldest metrics are dropped
-    http_timeout_s: int = 5          # MLFLOW_HTTP_REQUEST_TIMEOUT (whole seconds, MLflow reads an int)
-    http_max_retries: int = 0        # MLFLOW_HTTP_REQUEST_MAX_RETRIES
-    retry_interval_s: float = 30.0   # pause after a failed call before talking to the server again
-    close_timeout_s: float = 60.0    # bound on the final flush (artifacts included)
-
-    def validate(self, where: str = "tracking") -> None:
-        positive = {"queue_size": self.queue_size, "http_timeout_s": self.http_timeout_s,
-                    "close_timeout_s": self.close_timeout_s}
-        for name, value in positive.items():
-            if value <= 0:
-                raise UserError(f"{where}.{name}: must be > 0, got {value!r}")
-        for name in ("http_max_retries", "retry_interval_s"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{where}.{name}: must be >= 0, got {getattr(self, name)!r}")
-        if not self.experiment_name.strip():
-            raise UserError(f"{where}.experiment_name: must not be empty; name the MLflow experiment")
 
 
 def package_versions() -> dict[str, str]:

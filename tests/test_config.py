@@ -195,7 +195,7 @@ def test_schedule_and_clipping_default_when_both_auto_and_must_agree():
 
 def test_parameter_groups_exempt_biases_and_norms_from_decay():
     import models
-    from pipeline.trainer import parameter_groups
+    from pipeline.train.runtime import parameter_groups
     model = models.create_model("tiny")
     decay, exempt = parameter_groups(model, decay_bias_and_norm=False)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -213,7 +213,7 @@ def test_parameter_groups_exempt_biases_and_norms_from_decay():
 def _complete_checkpoint(ckpt: Path, step: int, cfg) -> None:
     import json
     from pipeline.config import training_fingerprint
-    from pipeline.trainer import COMPLETE_FILE
+    from pipeline.train.checkpoint import COMPLETE_FILE
     tag = ckpt / f"step{step:07d}"
     tag.mkdir(parents=True)
     (tag / COMPLETE_FILE).write_text(json.dumps({"step": step, "world_size": 2,
@@ -221,7 +221,7 @@ def _complete_checkpoint(ckpt: Path, step: int, cfg) -> None:
 
 
 def test_resume_picks_the_newest_complete_checkpoint_and_checks_its_config(tmp_path):
-    from pipeline.trainer import check_resume_config, resume_point
+    from pipeline.train.checkpoint import check_resume_config, resume_point
     cfg = _cfg(f"run_dir={tmp_path}", "checkpoint.resume=auto", "train.lr=0.001")
     ckpt = tmp_path / "checkpoints"
     assert resume_point(cfg) is None                                   # auto and nothing saved: a fresh run

@@ -15,14 +15,15 @@ import torch.multiprocessing as mp
 
 from models import create_model
 from models.image_encoder import ImageTokens, box_features
-from pipeline.eval_data import EvalData, object_boxes
+from pipeline.data.eval_split import EvalData, object_boxes
 from pipeline.errors import UserError
 from pipeline.evaluation import (EvalConfig, evaluate, full_retrieval, isd_metrics, region_targets,
                                  resolve_quadruples, score_pairs, two_stage_recalls, two_stage_retrieval)
-from pipeline.loader import LoaderConfig, load_eval_split
-from pipeline.metrics import retrieval_recalls, winoground_scores
-from pipeline.synthetic import SyntheticConfig, build_synthetic_dataset
-from pipeline.tokenizer import SentencePieceTokenizer, iter_captions
+from pipeline.data.eval_split import load_eval_split
+from pipeline.data.loader import LoaderConfig
+from pipeline.evaluation.metrics import retrieval_recalls, winoground_scores
+from pipeline.data.synthetic import SyntheticConfig, build_synthetic_dataset
+from pipeline.data.tokenizer import SentencePieceTokenizer, iter_captions
 
 REPO = Path(__file__).resolve().parent.parent
 N_TEST = 8  # images in the test split (5 captions each)
@@ -54,7 +55,7 @@ def assets(tmp_path_factory):
 
 
 def cfg(**kw) -> EvalConfig:
-    base = dict(score_batch=48, encode_batch=3, progress=False, pictures=0, isd_max_pairs=12)
+    base = dict(score_batch=48, encode_batch=3, progress=False, pictures=0, isd_max_pairs=12, two_stage=True)
     base.update(kw)
     return EvalConfig(**base)
 

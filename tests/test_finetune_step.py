@@ -10,8 +10,8 @@ import torch
 import models
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.finetune_step import FinetuneStep
-from pipeline.negatives import CandidatePool, iais_schedule
+from pipeline.train.finetune_step import FinetuneStep
+from pipeline.train.negatives import CandidatePool, iais_schedule
 
 REGIONS, FEAT, VOCAB = 5, 16, 40
 

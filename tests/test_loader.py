@@ -11,10 +11,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline.decode import DecodeSpec, decode_image, stable_id
+from pipeline.data.decode import DecodeSpec, decode_image, stable_id
 from pipeline.errors import UserError
-from pipeline.loader import LoaderConfig, StreamingLoader, image_norm_for, load_eval_split
-from pipeline.tokenizer import SentencePieceTokenizer
+from pipeline.data.eval_split import load_eval_split
+from pipeline.data.loader import LoaderConfig, StreamingLoader, image_norm_for
+from pipeline.data.tokenizer import SentencePieceTokenizer
 
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square")

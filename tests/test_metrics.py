@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pipeline.metrics import retrieval_recalls, winoground_scores
+from pipeline.evaluation.metrics import retrieval_recalls, winoground_scores
 
 
 def test_perfect_ranking_one_caption_each():

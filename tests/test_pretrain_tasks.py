@@ -1,7 +1,7 @@
 """Pretraining task losses on a tiny features-mode model (no DeepSpeed): MRFR masking and learning."""
 import torch
 
-from pipeline.pretrain_tasks import mask_regions, mrfr_loss
+from pipeline.train.objectives import mask_regions, mrfr_loss
 from test_models import FEATURES, feature_batch, tiny, text_batch
 
 

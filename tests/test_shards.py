@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import UserError
-from pipeline.shards import Sample, ShardWriter, read_manifest, shard_paths, write_split
-from pipeline.sources import (ImageOptions, karpathy_entries, karpathy_samples, load_region_features,
+from pipeline.data.shards import Sample, ShardWriter, read_manifest, shard_paths, write_split
+from pipeline.data.sources import (ImageOptions, karpathy_entries, karpathy_samples, load_region_features,
                               read_karpathy, read_table, table_samples)
-from pipeline.tokenizer import iter_captions
+from pipeline.data.tokenizer import iter_captions
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "launch"))

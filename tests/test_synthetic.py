@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import UserError
-from pipeline.shards import read_manifest
-from pipeline.tokenizer import iter_captions
+from pipeline.data.shards import read_manifest
+from pipeline.data.tokenizer import iter_captions
 from test_shards import members as tar_members
-from pipeline.synthetic import (PALETTE, SHAPES, SPLITS, Caption, Fact, Scene, SceneObject, SyntheticConfig,
+from pipeline.data.synthetic import (PALETTE, SHAPES, SPLITS, Caption, Fact, Scene, SceneObject, SyntheticConfig,
                                 build_synthetic_dataset, ensure_synthetic_dataset, load_synthetic_config,
                                 retrieval_ceiling)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.synthetic import SyntheticConfig, build_synthetic_dataset
+from pipeline.data.synthetic import SyntheticConfig, build_synthetic_dataset
 from test_synthetic import RELATION_WORDS, holds, read_split
 
 # Default val / test / relations sizes; no train split (not needed here, and it is the slow part).

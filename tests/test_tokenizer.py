@@ -8,7 +8,7 @@ import pytest
 import webdataset as wds
 
 from pipeline.errors import UserError
-from pipeline.tokenizer import (SentencePieceTokenizer, WordPieceTokenizer, iter_captions, load_tokenizer)
+from pipeline.data.tokenizer import (SentencePieceTokenizer, WordPieceTokenizer, iter_captions, load_tokenizer)
 
 CAPTIONS = [f"a {size} {colour} {shape} {rel} a {colour2} {shape2}"
             for size in ("small", "large") for colour in ("red", "blue", "green")

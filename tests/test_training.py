@@ -25,8 +25,8 @@ TINY_MODEL = ("model.overrides={hidden_size: 32, num_layers: 2, num_heads: 2, in
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict:
     """Synthetic shards (train 192 / val 12 / test 12 images, 32 px) + tokenizer, built once."""
-    from pipeline.synthetic import SyntheticConfig, ensure_synthetic_dataset
-    from pipeline.tokenizer import SentencePieceTokenizer, iter_captions
+    from pipeline.data.synthetic import SyntheticConfig, ensure_synthetic_dataset
+    from pipeline.data.tokenizer import SentencePieceTokenizer, iter_captions
     root = tmp_path_factory.mktemp("tiny_data")
     cfg = SyntheticConfig(train=192, val=12, test=12, image_size=32, shard_samples=24, captions_per_image=2,
                           attribute_captions=1, max_objects=2, large_frac=0.3, small_frac=0.2, relations=20)
@@ -152,8 +152,9 @@ def test_finetune_zero3_export_loads_without_deepspeed_and_scores_the_same(tiny_
     code = (
         "import json, sys, torch\n"
         "from models import RetrievalModel\n"
-        "from pipeline.tokenizer import load_tokenizer\n"
-        "from pipeline.loader import LoaderConfig, image_norm_for, load_eval_split\n"
+        "from pipeline.data.tokenizer import load_tokenizer\n"
+        "from pipeline.data.loader import LoaderConfig, image_norm_for\n"
+        "from pipeline.data.eval_split import load_eval_split\n"
         "from pipeline.evaluation import EvalConfig, evaluate\n"
         "assert 'deepspeed' not in sys.modules\n"
         f"d = '{run_dir / 'model'}'\n"
@@ -166,7 +167,7 @@ def test_finetune_zero3_export_loads_without_deepspeed_and_scores_the_same(tiny_
         "torch.set_num_threads(1)\n"
         "cfg = EvalConfig(score_batch=256, two_stage=True, two_stage_k=3, progress=False)\n"
         "metrics = evaluate(m, split, cfg).metrics\n"
-        "from pipeline.validation import winoground_on_split\n"
+        "from pipeline.evaluation.evaluate import winoground_on_split\n"
         f"relations = load_eval_split('{tiny_data['root'] / 'relations'}', tok, cfg=LoaderConfig(shards='', "
         "batch_size=1, image_size=32, mean=mean, std=std, interpolation=interp, max_text_len=48))\n"
         "metrics.update(winoground_on_split(m, relations, cfg))\n"

@@ -13,10 +13,10 @@ import torch
 
 from models.iais import iais_loss
 from pipeline.config import ExperimentConfig
-from pipeline.negatives import (CandidatePool, index_tokens, margin_rank_loss, pad_cat, score_grid, text_rows,
+from pipeline.train.negatives import (CandidatePool, index_tokens, margin_rank_loss, pad_cat, score_grid, text_rows,
                                 iais_schedule, IMAGE_KEYS, TEXT_KEYS)
 from pipeline.errors import UserError
-from pipeline.pretrain_tasks import itc_loss
+from pipeline.train.objectives import itc_loss
 
 
 def _first_valid(valid: torch.Tensor, n: int) -> torch.Tensor:

@@ -7,13 +7,14 @@ import time
 from typing import Optional
 
 from pipeline import distributed as dist_utils
-from pipeline import trainer as T
+from pipeline.train import checkpoint as ckpt, loop, runtime as T
 from pipeline.config import split_path
-from pipeline.finetune_step import FinetuneStep
-from pipeline.negatives import CandidatePool
-from pipeline.setup_data import build_model, ensure_data, ensure_tokenizer, loader_config, to_device
-from pipeline.stream import BatchStream
-from pipeline.validation import evaluate_split, recall_table, relations_split, winoground_on_split
+from pipeline.train.finetune_step import FinetuneStep
+from pipeline.train.negatives import CandidatePool
+from pipeline.train.build import build_model, ensure_data, ensure_tokenizer, loader_config, to_device
+from pipeline.data.loader import BatchStream
+from pipeline.evaluation.evaluate import evaluate_split, relations_split, winoground_on_split
+from pipeline.evaluation.report import recall_table
 
 
 def run(config_path: Optional[str], overrides: list[str], ds_path: str) -> int:
@@ -44,9 +45,9 @@ class FinetuneJob:
         mbs = cfg.train.micro_batch_size
         self.loader_cfg = loader_config(cfg, train_spec, engine.module, mbs)
         self.step, self.best_rsum, self.best_tag, client = 0, -1.0, None, None
-        resume = T.resume_point(run.cfg)
+        resume = ckpt.resume_point(run.cfg)
         if resume is not None:
-            client = T.load_checkpoint(engine, run, resume)
+            client = ckpt.load_checkpoint(engine, run, resume)
             self.step = client["step"]
             self.best_rsum = client["extra"].get("best_rsum", -1.0)
             self.best_tag = client["extra"].get("best_tag")
@@ -73,7 +74,7 @@ class FinetuneJob:
 
     def eval_split(self, split: str):
         """An EvalData of ``split`` (train/val/test, or a shards path)."""
-        from pipeline.loader import load_eval_split
+        from pipeline.data.eval_split import load_eval_split
         path = split_path(self.cfg, split) if split in ("train", "val", "test") else split
         lcfg = loader_config(self.cfg, path, self.engine.module, 1)
         return load_eval_split(path, self.tokenizer, lcfg)
@@ -82,8 +83,8 @@ class FinetuneJob:
     def train(self) -> None:
         cfg, run, engine = self.cfg, self.run, self.engine
         total, gas = cfg.train.steps, cfg.train.grad_accum
-        window = T.MetricWindow()
-        bar = T.progress(run, total, self.step)
+        window = loop.MetricWindow()
+        bar = loop.progress(run, total, self.step)
         engine.train()
         while self.step < total:
             for _ in range(gas):
@@ -105,16 +106,16 @@ class FinetuneJob:
                 self.save()
         bar.close()
 
-    def log_window(self, window: T.MetricWindow, bar) -> None:
+    def log_window(self, window: loop.MetricWindow, bar) -> None:
         values = window.flush(self.stream.skipped)
-        T.finite_or_raise({k: v for k, v in values.items() if k != "grad_norm"}, self.step)
+        loop.finite_or_raise({k: v for k, v in values.items() if k != "grad_norm"}, self.step)
         self.tracker.log_metrics(values, self.step)
-        T.append_jsonl(self.run, {"step": self.step, **values})
+        loop.append_jsonl(self.run, {"step": self.step, **values})
         bar.set_postfix(loss=f"{values['loss']:.4f}", samples_per_s=f"{values['samples_per_s']:.1f}")
 
     def save(self) -> str:
         extra = {"best_rsum": self.best_rsum, "best_tag": self.best_tag}
-        return T.save_checkpoint(self.engine, self.run, self.step, self.stream.state(), self.tracker.run_id
+        return ckpt.save_checkpoint(self.engine, self.run, self.step, self.stream.state(), self.tracker.run_id
                                  if self.run.is_main else None, extra)
 
     # ---- evaluation -------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ class FinetuneJob:
         if self.run.is_main and pictures.is_dir():
             self.tracker.log_artifact(pictures, f"pictures/val_step{self.step:07d}")
         self.tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, self.step)
-        T.append_jsonl(self.run, {"step": self.step, **{f"val/{k}": v for k, v in metrics.items()}})
+        loop.append_jsonl(self.run, {"step": self.step, **{f"val/{k}": v for k, v in metrics.items()}})
         if self.run.is_main:
             print("\n" + recall_table(metrics, f"validation @ step {self.step}"), flush=True)
         if self.cfg.checkpoint.keep_best and metrics["rsum"] > self.best_rsum:
@@ -135,7 +136,7 @@ class FinetuneJob:
             self.best_tag = final_tag or "best"
             if final_tag is None:
                 extra = {"best_rsum": self.best_rsum, "best_tag": self.best_tag}
-                T.save_checkpoint(self.engine, self.run, self.step, self.stream.state(), None, extra, tag="best")
+                ckpt.save_checkpoint(self.engine, self.run, self.step, self.stream.state(), None, extra, tag="best")
         return metrics
 
     def finish(self) -> None:
@@ -162,7 +163,7 @@ class FinetuneJob:
                 (run.run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
                 self.tracker.log_text(table + "\n", "test_recall.md")
         if cfg.checkpoint.export:
-            out = T.export_pretrained(self.engine, run, best, run.run_dir / "model", self.tok_path)
+            out = ckpt.export_pretrained(self.engine, run, best, run.run_dir / "model", self.tok_path)
             if out is not None:
                 print(f"[finetune] consolidated fp32 model: {out}", flush=True)
                 self.tracker.log_artifact(out, "model")

@@ -210,7 +210,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 def iter_captions(sources: Iterable[str | os.PathLike]) -> Iterator[str]:
     """Captions of text files (one per line) and of shard sets (directory, manifest or brace pattern)."""
-    from pipeline.shardlist import iter_shard_captions  # lazy: keeps the tokenizer light to import
+    from pipeline.data.shards import iter_shard_captions  # lazy: keeps the tokenizer light to import
 
     for source in sources:
         path = Path(source)

@@ -5,6 +5,8 @@ nothing is ever unpickled (npz is loaded with allow_pickle=False; .pyd/.pickle m
 """
 from __future__ import annotations
 
+import tarfile
+
 import hashlib
 import io
 import json
@@ -251,3 +253,32 @@ def collate(samples: list[dict], spec: DecodeSpec) -> dict[str, torch.Tensor]:
     batch.update(collate_image(samples, spec))
     batch["image_id"] = torch.tensor([s["image_id"] for s in samples], dtype=torch.long)
     return batch
+
+
+class SkipCounter:
+    """Counts skipped samples by reason; doubles as the webdataset exception handler."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self._truncated: set[str] = set()
+
+    def add(self, reason: str, n: int = 1) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + n
+
+    def handler(self, exn: Exception) -> bool:
+        if isinstance(exn, (tarfile.ReadError, EOFError)) or "unexpected end" in str(exn):
+            where = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), "?")
+            if where not in self._truncated:   # the tar iterator and the expander both report it
+                self._truncated.add(where)
+                self.add("truncated_tar")
+        elif isinstance(exn, OSError):
+            self.add("unreadable_shard")
+        elif isinstance(exn, ValueError) and "duplicate" in str(exn):
+            self.add("duplicate_member")
+        else:
+            self.add("tar_error")
+        return True
+
+    def take(self) -> dict[str, int]:
+        out, self.counts = self.counts, {}
+        return out

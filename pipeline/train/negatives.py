@@ -2,7 +2,7 @@
 
 The pool holds the last ``capacity`` batches the training loop consumed (the current one included). Its
 content is a pure function of the loader position, so a resumed run refills it by replaying those batches
-(see ``pipeline.stream.BatchStream.history``) and mines exactly the negatives an uninterrupted run would.
+(see ``pipeline.data.loader.BatchStream.history``) and mines exactly the negatives an uninterrupted run would.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import UserError
-from pipeline.shards import Sample
+from pipeline.data.shards import Sample
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 TABLE_FORMATS = ("csv", "tsv", "jsonl")

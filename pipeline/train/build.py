@@ -15,7 +15,7 @@ def ensure_data(cfg: ExperimentConfig, progress: bool) -> None:
     """Build the synthetic dataset when the config asks for it (locked: ranks may race)."""
     if cfg.data.synthetic is None:
         return
-    from pipeline.synthetic import ensure_synthetic_dataset
+    from pipeline.data.synthetic import ensure_synthetic_dataset
     ensure_synthetic_dataset(data_root(cfg), cfg.data.synthetic, progress=progress)
 
 
@@ -35,7 +35,7 @@ def tokenizer_path(cfg: ExperimentConfig, stage_sources: list[str]) -> Path:
 
 
 def ensure_tokenizer(cfg: ExperimentConfig, stage_sources: list[str]):
-    from pipeline.tokenizer import SentencePieceTokenizer, iter_captions, load_tokenizer
+    from pipeline.data.tokenizer import SentencePieceTokenizer, iter_captions, load_tokenizer
     path = tokenizer_path(cfg, stage_sources)
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,7 +49,7 @@ def ensure_tokenizer(cfg: ExperimentConfig, stage_sources: list[str]):
 def build_model(cfg: ExperimentConfig, vocab_size: int):
     """A fresh model from preset + overrides, or the weights of ``model.init``."""
     from models import RetrievalModel, create_model
-    from pipeline.trainer import model_overrides
+    from pipeline.train.runtime import model_overrides
     init = resolve_path(cfg.model.init) if cfg.model.init else None
     if init is not None and (init / "config.json").is_file() and (init / "model.safetensors").is_file():
         model = RetrievalModel.from_pretrained(init)
@@ -71,7 +71,7 @@ def build_model(cfg: ExperimentConfig, vocab_size: int):
 
 def _state_dict_from(path: Path) -> dict:
     if path.is_dir() and (path / "latest").is_file():
-        from pipeline.trainer import checkpoint_state_dict
+        from pipeline.train.checkpoint import checkpoint_state_dict
         return checkpoint_state_dict(path)
     if path.is_file() and path.suffix in (".pt", ".bin"):
         from models import load_uniter_checkpoint   # UNITER/IAIS-format checkpoints
@@ -80,7 +80,7 @@ def _state_dict_from(path: Path) -> dict:
 
 
 def loader_config(cfg: ExperimentConfig, shards: str, model, batch_size: int, seed_offset: int = 0):
-    from pipeline.loader import LoaderConfig
+    from pipeline.data.loader import LoaderConfig
     d = cfg.data
     kw = dict(shards=shards, batch_size=batch_size, image_size=d.image_size, max_text_len=d.max_text_len,
               num_workers=d.num_workers, seed=cfg.seed + seed_offset, shuffle_buffer=d.shuffle_buffer,

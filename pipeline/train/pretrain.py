@@ -7,12 +7,12 @@ import time
 from typing import Optional
 
 from pipeline import distributed as dist_utils
-from pipeline import trainer as T
+from pipeline.train import checkpoint as ckpt, loop, runtime as T
 from pipeline.config import ExperimentConfig, split_path
 from pipeline.errors import UserError
-from pipeline.pretrain_tasks import TASKS, choose_task, itc_loss, itm_loss, mlm_loss, mrfr_loss
-from pipeline.setup_data import build_model, ensure_data, ensure_tokenizer, loader_config, to_device
-from pipeline.stream import BatchStream
+from pipeline.train.objectives import TASKS, choose_task, itc_loss, itm_loss, mlm_loss, mrfr_loss
+from pipeline.train.build import build_model, ensure_data, ensure_tokenizer, loader_config, to_device
+from pipeline.data.loader import BatchStream
 
 def sources(cfg: ExperimentConfig) -> list[tuple[str, float]]:
     if cfg.pretrain.sources:
@@ -47,9 +47,9 @@ class PretrainJob:
         cfg = self.cfg = run.cfg
         self.weights = [w for _, w in srcs]
         self.step, client = 0, None
-        resume = T.resume_point(run.cfg)
+        resume = ckpt.resume_point(run.cfg)
         if resume is not None:
-            client = T.load_checkpoint(engine, run, resume)
+            client = ckpt.load_checkpoint(engine, run, resume)
             self.step = client["step"]
         states = client["loader"] if client else [None] * len(srcs)
         if len(states) != len(srcs):
@@ -75,8 +75,8 @@ class PretrainJob:
         cfg, run, engine = self.cfg, self.run, self.engine
         total, gas = cfg.train.steps, cfg.train.grad_accum
         ratios = vars(cfg.pretrain.tasks)
-        window = T.MetricWindow()
-        bar = T.progress(run, total, self.step)
+        window = loop.MetricWindow()
+        bar = loop.progress(run, total, self.step)
         engine.train()
         while self.step < total:
             task = choose_task(ratios, cfg.seed, self.step)
@@ -107,14 +107,14 @@ class PretrainJob:
         bar.close()
         tag = self.save()
         if cfg.checkpoint.export:
-            out = T.export_pretrained(engine, run, tag, run.run_dir / "model", self.tok_path)
+            out = ckpt.export_pretrained(engine, run, tag, run.run_dir / "model", self.tok_path)
             if out is not None:
                 print(f"[pretrain] consolidated fp32 model: {out}", flush=True)
                 self.tracker.log_artifact(out, "model")
         self.tracker.close("FINISHED")
         dist_utils.barrier()
 
-    def log_window(self, window: T.MetricWindow, bar) -> None:
+    def log_window(self, window: loop.MetricWindow, bar) -> None:
         skipped: dict[str, int] = {}
         for s in self.streams:
             for k, v in s.skipped.items():
@@ -127,11 +127,11 @@ class PretrainJob:
         for t in ("itm", "itc"):
             if raw.get(f"{t}_steps", 0) > 0:
                 values[f"{t}_acc"] = raw[f"{t}_acc_sum"] / raw[f"{t}_steps"]
-        T.finite_or_raise({k: v for k, v in values.items() if k != "grad_norm"}, self.step)
+        loop.finite_or_raise({k: v for k, v in values.items() if k != "grad_norm"}, self.step)
         self.tracker.log_metrics(values, self.step)
-        T.append_jsonl(self.run, {"step": self.step, **values})
+        loop.append_jsonl(self.run, {"step": self.step, **values})
         bar.set_postfix(loss=f"{values['loss']:.4f}", samples_per_s=f"{values['samples_per_s']:.1f}")
 
     def save(self) -> str:
-        return T.save_checkpoint(self.engine, self.run, self.step, [s.state() for s in self.streams],
+        return ckpt.save_checkpoint(self.engine, self.run, self.step, [s.state() for s in self.streams],
                                  self.tracker.run_id if self.run.is_main else None)

@@ -16,8 +16,8 @@ import torch  # noqa: E402
 
 from models.iais import attention_maps  # noqa: E402
 from pipeline import distributed as ddp  # noqa: E402
-from pipeline.eval_data import EvalData  # noqa: E402
-from pipeline.evaluation import images_for  # noqa: E402
+from pipeline.data.eval_split import EvalData  # noqa: E402
+from pipeline.evaluation.retrieval import images_for  # noqa: E402
 
 TOP = 5
 

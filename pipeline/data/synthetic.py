@@ -40,28 +40,27 @@ import fcntl
 import io
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline.config import SYNTHETIC_COLORS, SYNTHETIC_GAP, SYNTHETIC_SHAPES, SyntheticConfig
 from pipeline.errors import UserError
-from pipeline.shards import MANIFEST_NAME, Sample, ShardWriter
+from pipeline.data.shards import MANIFEST_NAME, Sample, ShardWriter
 
-SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
-PALETTE = {
-    "red": (215, 35, 35), "green": (35, 160, 55), "blue": (40, 75, 215),
-    "yellow": (235, 210, 35), "purple": (140, 55, 185), "orange": (240, 135, 25),
-}
+SHAPES = SYNTHETIC_SHAPES
+PALETTE = dict(zip(SYNTHETIC_COLORS, ((215, 35, 35), (35, 160, 55), (40, 75, 215), (235, 210, 35),
+                                      (140, 55, 185), (240, 135, 25))))
 SIZE_NAMES = ("small", "large")
 SPLITS = ("train", "val", "test", "relations")
 QUADRUPLE_SPLITS = ("relations",)   # splits that get a quadruples.json
 UNIQUE_SPLITS = ("val", "test")           # captions unique over the whole split
 TRAIN_BLOCK = 250                          # images per uniqueness block in the other splits
 DATASET_FORMAT = "relalign-synthetic/2"
-GAP = 2  # min pixels between object boxes
+GAP = SYNTHETIC_GAP
 MAX_PAIR_TRIES = 2000
 
 # Phrases per relation "A <rel> B"; several wordings keep the templates varied with a tiny vocabulary.
@@ -91,91 +90,6 @@ ATTRIBUTE_TEMPLATES = (
 )
 PAIR_ATTRIBUTE_TEMPLATES = tuple(i for i, t in enumerate(ATTRIBUTE_TEMPLATES) if "B" in t)
 SINGLE_ATTRIBUTE_TEMPLATES = tuple(i for i, t in enumerate(ATTRIBUTE_TEMPLATES) if "B" not in t)
-
-
-def _opt(default, help_text: str):
-    return field(default=default, metadata={"help": help_text})
-
-
-@dataclass(frozen=True)
-class SyntheticConfig:
-    """Everything that determines the synthetic dataset (stored in ``<root>/dataset.json``)."""
-
-    seed: int = _opt(0, "random seed; the same seed gives byte-identical shards")
-    train: int = _opt(5000, "images in the train split")
-    val: int = _opt(250, "images in the val split")
-    test: int = _opt(250, "images in the test split (pairs of relation-swapped images)")
-    relations: int = _opt(400, "relation-swap quadruples (pairs of images) in the relations split")
-    image_size: int = _opt(96, "image width = height in pixels")
-    min_objects: int = _opt(2, "fewest objects per image (>= 2)")
-    max_objects: int = _opt(4, "most objects per image")
-    captions_per_image: int = _opt(5, "captions per image")
-    attribute_captions: int = _opt(1, "of those, captions that only list objects (the rest name a relation)")
-    shapes: tuple[str, ...] = _opt(SHAPES, "shapes to draw")
-    colors: tuple[str, ...] = _opt(tuple(PALETTE), "colours to use")
-    small_frac: float = _opt(0.17, "side of a small object as a fraction of image_size")
-    large_frac: float = _opt(0.27, "side of a large object as a fraction of image_size")
-    color_jitter: int = _opt(12, "max per-channel deviation from the named colour")
-    jpeg_quality: int = _opt(95, "JPEG quality of the stored images")
-    shard_samples: int = _opt(500, "images per tar shard")
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "shapes", tuple(self.shapes))
-        object.__setattr__(self, "colors", tuple(self.colors))
-        _validate(self)
-
-    def side(self, size_index: int) -> int:
-        return max(6, round((self.small_frac, self.large_frac)[size_index] * self.image_size))
-
-    def count(self, split: str) -> int:
-        """Images in ``split``."""
-        counts = {"train": self.train, "val": self.val, "test": self.test, "relations": 2 * self.relations}
-        return counts[split]
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "SyntheticConfig":
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise UserError(f"synthetic config: unknown field(s) {', '.join(unknown)}")
-        return cls(**data)
-
-
-def _validate(cfg: SyntheticConfig) -> None:
-    def bad(field_name: str, why: str) -> UserError:
-        return UserError(f"synthetic config: {field_name}={getattr(cfg, field_name)!r} {why}")
-
-    for name in ("seed", "train", "val", "test", "relations"):
-        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 0:
-            raise bad(name, "must be an integer >= 0")
-    if not 32 <= cfg.image_size <= 1024:
-        raise bad("image_size", "must be in 32..1024")
-    if not 2 <= cfg.min_objects <= cfg.max_objects:
-        raise bad("min_objects", f"must be >= 2 and <= max_objects ({cfg.max_objects})")
-    if not cfg.shapes or len(set(cfg.shapes)) != len(cfg.shapes) or set(cfg.shapes) - set(SHAPES):
-        raise bad("shapes", f"must be distinct names from {', '.join(SHAPES)}")
-    if not cfg.colors or len(set(cfg.colors)) != len(cfg.colors) or set(cfg.colors) - set(PALETTE):
-        raise bad("colors", f"must be distinct names from {', '.join(PALETTE)}")
-    if cfg.max_objects > len(cfg.shapes) * len(cfg.colors):
-        raise bad("max_objects", "exceeds the number of distinct (shape, colour) pairs")
-    if not 0.05 <= cfg.small_frac < cfg.large_frac <= 0.4:
-        raise bad("small_frac", f"and large_frac={cfg.large_frac} need 0.05 <= small < large <= 0.4")
-    if cfg.max_objects * (cfg.side(1) + GAP) ** 2 > 0.4 * cfg.image_size ** 2:
-        raise bad("max_objects", "large objects do not fit the image: lower it or large_frac")
-    if _half_start_range(cfg.side(0), cfg.side(0), cfg.image_size) is None:
-        raise bad("small_frac", "two small objects do not fit in one half of the image: lower it")
-    if cfg.captions_per_image < 1:
-        raise bad("captions_per_image", "must be >= 1")
-    if not 0 <= cfg.attribute_captions < cfg.captions_per_image:
-        raise bad("attribute_captions", f"must be in 0..captions_per_image-1 ({cfg.captions_per_image - 1})")
-    if not 0 <= cfg.color_jitter <= 30:
-        raise bad("color_jitter", "must be in 0..30")
-    if not 1 <= cfg.jpeg_quality <= 100:
-        raise bad("jpeg_quality", "must be in 1..100")
-    if cfg.shard_samples < 1:
-        raise bad("shard_samples", "must be >= 1")
 
 
 # --- scenes ---------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def itm_loss(module, batch: dict, generator: torch.Generator) -> tuple[torch.Ten
     rows, labels = itm_permutation(batch["image_id"].cpu(), generator)
     device = batch["input_ids"].device
     tokens = module.encode_image(batch)
-    from pipeline.negatives import index_tokens
+    from pipeline.train.negatives import index_tokens
     logits = module.itm_logits(batch, image_tokens=index_tokens(tokens, rows.to(device))).float()
     labels = labels.to(device)
     acc = (logits.argmax(dim=1) == labels).float().mean().item()

@@ -17,9 +17,8 @@ from __future__ import annotations
 import collections
 import itertools
 import random
-import tarfile
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import timm
 import timm.data
@@ -27,10 +26,11 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.decode import BadSample, DecodeSpec, collate, decode_train_sample, select_member, stable_id
+from pipeline.data.decode import (BadSample, DecodeSpec, SkipCounter, collate, decode_train_sample, select_member,
+                                  stable_id)
 from pipeline.errors import UserError
-from pipeline.evalsplit import load_eval_split  # noqa: F401  (public API of this module)
-from pipeline.shardlist import Shard, resolve_shards
+from pipeline.data.shards import Shard, resolve_shards
+
 
 IMAGE_MODES = ("patch", "roi", "features")
 
@@ -139,35 +139,6 @@ def plan_epoch(shards: list[Shard], cfg: LoaderConfig, rank: int, world_size: in
         raise UserError(f"loader resume: start_batch={start_batch} outside 0..{bpe} for epoch {epoch}")
     skip, first = _round_robin_replay(counts[rank], start_batch)
     return EpochPlan(per_rank[rank], counts[rank], bpe, skip, first)
-
-
-class SkipCounter:
-    """Counts skipped samples by reason; doubles as the webdataset exception handler."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-        self._truncated: set[str] = set()
-
-    def add(self, reason: str, n: int = 1) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + n
-
-    def handler(self, exn: Exception) -> bool:
-        if isinstance(exn, (tarfile.ReadError, EOFError)) or "unexpected end" in str(exn):
-            where = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), "?")
-            if where not in self._truncated:   # the tar iterator and the expander both report it
-                self._truncated.add(where)
-                self.add("truncated_tar")
-        elif isinstance(exn, OSError):
-            self.add("unreadable_shard")
-        elif isinstance(exn, ValueError) and "duplicate" in str(exn):
-            self.add("duplicate_member")
-        else:
-            self.add("tar_error")
-        return True
-
-    def take(self) -> dict[str, int]:
-        out, self.counts = self.counts, {}
-        return out
 
 
 class _RankStream(IterableDataset):
@@ -332,3 +303,80 @@ class StreamingLoader:
             del source   # shuts the DataLoader workers down
         if self._consumed >= self.batches_per_epoch:
             self.set_epoch(self.epoch + 1)
+
+
+# ----------------------------------------------------------------------------- the endless training stream
+
+class BatchStream:
+    """``next()`` returns the next training batch; epochs roll over; ``state()`` resumes exactly."""
+
+    def __init__(self, cfg: LoaderConfig, tokenizer, rank: int, world_size: int,
+                 state: Optional[dict] = None, device: torch.device = torch.device("cpu")):
+        self.cfg, self.tokenizer, self.rank, self.world_size, self.device = cfg, tokenizer, rank, world_size, device
+        state = state or {"epoch": 0, "batches": 0}
+        self.loader = StreamingLoader(cfg, tokenizer, rank, world_size, epoch=state["epoch"],
+                                      start_batch=state["batches"])
+        self._it: Optional[Iterator] = None
+
+    def state(self) -> dict:
+        return self.loader.state()
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Samples skipped by reason on this rank since the start of this process."""
+        return dict(self.loader.skipped)
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        for _ in range(2):
+            if self._it is None:
+                self._it = _iter_keeping_rng(self.loader)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self._it = None   # the loader advanced its epoch; start the next pass
+        raise RuntimeError(f"shards {self.cfg.shards}: an epoch yielded no batch; use more data or a smaller batch")
+
+    def __iter__(self):
+        return self
+
+    def history(self, n: int) -> list[dict[str, torch.Tensor]]:
+        """The last ``n`` batches before the current position (fewer at the very start), oldest first.
+
+        Rebuilds loaders at earlier positions, so it is exact wherever the loader's resume is exact.
+        """
+        epoch, pos = self.state()["epoch"], self.state()["batches"]
+        spans = []   # (epoch, start, count), newest first
+        while n > 0 and epoch >= 0:
+            take = min(n, pos)
+            if take:
+                spans.append((epoch, pos - take, take))
+                n -= take
+            epoch -= 1
+            if epoch >= 0:
+                pos = self.loader.batches_in_epoch(epoch)
+        out: list[dict] = []
+        for ep, start, count in reversed(spans):
+            loader = StreamingLoader(self.cfg, self.tokenizer, self.rank, self.world_size, epoch=ep,
+                                     start_batch=start)
+            it = _iter_keeping_rng(loader)
+            out.extend(next(it) for _ in range(count))
+            del it
+        return out
+
+
+def _iter_keeping_rng(loader: StreamingLoader) -> Iterator:
+    """iter(loader) without touching the global torch RNG (a DataLoader draws its base seed from it), so
+    model randomness (dropout) does not depend on when loaders were (re)built, e.g. after a resume."""
+    state = torch.get_rng_state()
+    it = iter(loader)
+    try:
+        first = next(it)
+    except StopIteration:
+        torch.set_rng_state(state)
+        return iter(())
+    torch.set_rng_state(state)
+
+    def chain():
+        yield first
+        yield from it
+    return chain()

@@ -1,0 +1,243 @@
+"""Start-up of a training stage: config checks before any process-group work, threads, process group,
+device, seeds, the DeepSpeed engine with its parameter groups, and the MLflow tracker."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from pipeline import distributed as dist_utils
+from pipeline.config import (ExperimentConfig, read_ds_config, resolve_ds_config, resolve_path, to_dict,
+                             validate_paths, load_config)
+from pipeline.errors import UserError
+
+
+
+
+@dataclass
+class Run:
+    """Everything a stage needs after start-up."""
+    cfg: ExperimentConfig
+    ds_config: dict
+    stage: str
+    run_dir: Path
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def accelerator_name() -> str:
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator().device_name()
+
+
+def prepare(stage: str, config_path: Optional[str], overrides: list[str], ds_path: str) -> tuple[ExperimentConfig, dict]:
+    """Everything that can fail on user input, before any process-group work."""
+    cfg = load_config(config_path, overrides)
+    validate_model_config(cfg)
+    validate_paths(cfg, stage)
+    accelerator = accelerator_name()
+    bf16 = accelerator != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    ds = resolve_ds_config(read_ds_config(ds_path), cfg, dist_utils.world_size(), accelerator,
+                           src=f"ds_config {ds_path}", bf16_supported=bf16)
+    from pipeline.train.checkpoint import check_resume_config, resume_point
+    check_resume_config(cfg, resume_point(cfg))
+    return cfg, ds
+
+
+def model_overrides(cfg: ExperimentConfig) -> dict:
+    """ModelConfig overrides implied by the data section (text length, image size/mode) + model.overrides."""
+    from models.registry import merge
+    implied = {"max_text_len": cfg.data.max_text_len, "image": {"image_size": cfg.data.image_size}}
+    if cfg.data.image_mode != "patch":
+        implied["image"]["mode"] = cfg.data.image_mode
+    return merge(implied, cfg.model.overrides)
+
+
+def validate_model_config(cfg: ExperimentConfig) -> None:
+    from models import ConfigError, ModelConfig
+    from models.registry import merge, preset_config
+    try:
+        base = _base_model_config(cfg.model.preset, preset_config)
+        ModelConfig.from_dict(merge(base, model_overrides(cfg)))
+    except ConfigError as exc:
+        raise UserError(f"model config (preset {cfg.model.preset!r} + model.overrides): {exc}") from None
+    except TypeError as exc:
+        raise UserError(f"model.overrides: {exc}") from None
+
+
+def _base_model_config(preset: str, preset_config) -> dict:
+    path = Path(preset)
+    if path.suffix == ".json" or path.is_dir():
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise UserError(f"config 'model.preset' = {preset}: no such model config file")
+        return json.loads(file.read_text())
+    return preset_config(preset)
+
+
+def start(cfg: ExperimentConfig, ds: dict, stage: str) -> Run:
+    """Threads, process group, device, seeds. Call after :func:`prepare` succeeded."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")) or 1)
+    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, local_size))
+    torch.set_num_threads(threads)
+    acc = get_accelerator()
+    _skip_shm_comm_op(acc)
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), verbose=False)
+    local = dist_utils.local_rank()
+    if acc.device_name() == "cpu":
+        device = torch.device("cpu")
+    else:
+        acc.set_device(local)
+        device = torch.device(acc.device_name(local))
+    run = Run(cfg=cfg, ds_config=ds, stage=stage, run_dir=resolve_path(cfg.run_dir), device=device,
+              rank=dist_utils.rank(), world_size=dist_utils.world_size())
+    if run.is_main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "experiment.yaml").write_text(_yaml(to_dict(cfg)))
+        (run.run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+    seed_everything(cfg.seed + run.rank)
+    return run
+
+
+_T0 = time.perf_counter()
+
+
+def note(run: Run, message: str) -> None:
+    """One progress line on rank 0, with the seconds since the process started."""
+    if run.is_main:
+        print(f"[{run.stage} {time.perf_counter() - _T0:6.1f}s] {message}", flush=True)
+
+
+def _skip_shm_comm_op(acc) -> None:
+    """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce op in init_distributed (40-130 s, and
+    recompiled whenever the build environment differs, e.g. with/without CUDA_VISIBLE_DEVICES). gloo does
+    every collective without it, fast enough for CPU runs; RELALIGN_SHM_COMM=1 keeps DeepSpeed's default."""
+    if acc.device_name() != "cpu" or os.environ.get("RELALIGN_SHM_COMM") == "1":
+        return
+    import deepspeed.ops
+    builder = acc.create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
+def _yaml(d: dict) -> str:
+    import yaml
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def step_generator(cfg: ExperimentConfig, step: int, rank: int, salt: int = 0) -> torch.Generator:
+    """RNG for a step's random choices: a pure function of (seed, step, rank), so resume needs no state."""
+    g = torch.Generator()
+    g.manual_seed(((cfg.seed * 1_000_003 + step) * 65_537 + rank) * 31 + salt)
+    return g
+
+
+# ----------------------------------------------------------------------------- engine
+
+_NORMS = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm, torch.nn.RMSNorm)
+
+
+def parameter_groups(model: torch.nn.Module, decay_bias_and_norm: bool) -> list[dict]:
+    """Optimizer groups: biases and normalisation weights without weight decay (as UNITER/IAIS and BERT:
+    decaying a LayerNorm gain pulls it to 0), unless ``decay_bias_and_norm``. Other groups take the
+    DeepSpeed JSON's weight_decay."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if decay_bias_and_norm:
+        return [{"params": trainable}]
+    exempt = {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
+    exempt |= {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
+    groups = [{"params": [p for p in trainable if id(p) not in exempt]},
+              {"params": [p for p in trainable if id(p) in exempt], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def create_engine(model: torch.nn.Module, run: Run):
+    import deepspeed
+    groups = parameter_groups(model, run.cfg.train.decay_bias_and_norm)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=run.ds_config)
+    return engine
+
+
+def zero_stage(run: Run) -> int:
+    return int(run.ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def init_rank_head(engine, run: Run) -> None:
+    """rank head <- ITM "match" row, ZeRO-3 safe (parameters gathered, modified on rank 0, re-partitioned)."""
+    module = engine.module
+    if zero_stage(run) == 3:
+        import deepspeed
+        params = list(module.itm_head.parameters()) + list(module.rank_head.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            if run.is_main:
+                module.init_rank_from_itm()
+    else:
+        module.init_rank_from_itm()
+
+
+def current_lr(engine) -> float:
+    return float(engine.get_lr()[0]) if engine.get_lr() else 0.0
+
+
+def grad_norm(engine) -> float:
+    value = engine.get_global_grad_norm()
+    if value is None:
+        return float("nan")
+    return float(value.item() if torch.is_tensor(value) else value)
+
+
+def tracker_params(run: Run) -> dict[str, Any]:
+    from pipeline.config import flatten
+    from pipeline.tracking import package_versions
+    params = {f"config.{k}": v for k, v in flatten(to_dict(run.cfg)).items()}
+    params.update({f"ds.{k}": v for k, v in flatten(run.ds_config).items()})
+    params.update({f"version.{k}": v for k, v in package_versions().items()})
+    return params
+
+
+def open_tracker(run: Run, client: Optional[dict]):
+    """The run's MLflow tracker; a resumed run (``client`` state) continues its MLflow run, a new one
+    logs params and configs first."""
+    from pipeline.tracking import Tracker
+    tracker = Tracker.create(run.cfg.tracking, run.is_main, run.run_dir,
+                             resume_run_id=client.get("mlflow_run_id") if client else None)
+    if client is None:
+        tracker.log_params({**tracker_params(run), **run_info(run)})
+        tracker.log_artifact(run.run_dir / "experiment.yaml", "configs")
+        tracker.log_artifact(run.run_dir / "ds_config.json", "configs")
+    return tracker
+
+
+def run_info(run: Run) -> dict[str, Any]:
+    """Collective: world size, node count, host names."""
+    hosts = dist_utils.hostnames()
+    return {"world_size": run.world_size, "node_count": dist_utils.node_count(),
+            "hostnames": ",".join(sorted(set(hosts)))}
+
+
