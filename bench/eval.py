@@ -47,13 +47,11 @@ def demo_split_and_tokenizer():
 
 
 def load_model(args, tok, demo_cfg):
-    from models import RetrievalModel, create_model
-    from pipeline.data.tokenizer import load_tokenizer
+    from models import create_model
+    from pipeline.evaluation import loading
     if args.model:
-        model = RetrievalModel.from_pretrained(args.model)
-        for name in ("tokenizer.model", "tokenizer.txt"):
-            if (Path(args.model) / name).is_file():
-                tok = load_tokenizer(Path(args.model) / name)
+        model = loading.load_model(args.model)
+        tok = loading.find_tokenizer(args.model, None, demo_cfg)
         print(f"model: trained, from {args.model}")
         return model, tok
     torch.manual_seed(0)
@@ -66,12 +64,8 @@ def load_model(args, tok, demo_cfg):
 
 
 def load_data(test: str, tok, model, n_images: int):
-    from pipeline.data.eval_split import load_eval_split
-    from pipeline.data.loader import LoaderConfig
-    mc = model.config
-    lc = LoaderConfig.for_model(mc.image.backbone, shards=test, image_size=mc.image.image_size,
-                                max_text_len=mc.max_text_len, num_workers=0)
-    return load_eval_split(test, tok, lc).subset(n_images)
+    from pipeline.evaluation.loading import load_split
+    return load_split(test, model, tok, max_regions=36).subset(n_images)
 
 
 def sync(device: torch.device) -> None:
@@ -111,8 +105,8 @@ def main() -> int:
     args = parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
+    from pipeline.evaluation.run import select_device
+    device = select_device(args.device, local_rank=0)
     from pipeline.evaluation import EvalConfig, full_retrieval, two_stage_recalls, two_stage_retrieval
     from pipeline.evaluation.metrics import retrieval_recalls
     test, tok, demo_cfg = demo_split_and_tokenizer()

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""relalign finetune entry point: `deepspeed launch/finetune.py --deepspeed_config ds_configs/zero2.json [--config X.yaml]
+"""relalign finetune entry point: `deepspeed launch/finetune.py --deepspeed_config ds_configs/zero2.json
+[--config X.yaml]
 [--set key=value ...]`. Run with --help for every option and config key."""
 import sys
 from pathlib import Path

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.errors import UserError, exit_code_of  # noqa: E402
 from pipeline.data.shards import write_split  # noqa: E402
 from pipeline.data.sources import (KARPATHY_SPLITS, TABLE_FORMATS, ImageOptions, karpathy_entries,  # noqa: E402
-                              karpathy_samples, read_karpathy, read_table, table_samples)
+                                   karpathy_samples, read_karpathy, read_table, table_samples)
 from pipeline.data.synthetic import SyntheticConfig, build_synthetic_dataset, dataset_is_current  # noqa: E402
 
 DEFAULT_KARPATHY_SPLITS = ("train=train+restval", "val=val", "test=test")

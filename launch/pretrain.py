@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""relalign pretrain entry point: `deepspeed launch/pretrain.py --deepspeed_config ds_configs/zero2.json [--config X.yaml]
+"""relalign pretrain entry point: `deepspeed launch/pretrain.py --deepspeed_config ds_configs/zero2.json
+[--config X.yaml]
 [--set key=value ...]`. Run with --help for every option and config key."""
 import sys
 from pathlib import Path

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Run the test suite inside the project's virtual environment (created on first use).
+# Lint (flake8 with setup.cfg's settings), then the test suite, inside the project's virtual environment
+# (created on first use). Extra arguments go to pytest.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/launch/env.sh"
 cd "$ROOT"
+python -m flake8 pipeline models launch bench tests
+echo "[lint] flake8 clean"
 exec python -m pytest "$@"

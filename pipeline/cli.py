@@ -55,7 +55,8 @@ def _describe(cls, prefix: str = "") -> list[str]:
         else:
             default = None
         from pipeline.config import _type_name
-        lines.append(f"  {name} ({_type_name(tp)}; default {default!r})")
+        note = f": {f.metadata['help']}" if "help" in f.metadata else ""
+        lines.append(f"  {name} ({_type_name(tp)}; default {default!r}){note}")
     return lines
 
 
@@ -92,11 +93,20 @@ def main(stage: str, argv: Optional[list[str]] = None) -> int:
     ds_path = args.deepspeed_config or str(DEFAULT_DS)
     if args.print_config:
         return exit_code_of(lambda: _print_config(stage, config, overrides, ds_path))
+    return exit_code_of(lambda: run(stage, config, overrides, ds_path))
+
+
+def run(stage: str, config_path: str, overrides: list[str], ds_path: str) -> int:
+    """Config and DeepSpeed JSON first (a user error ends here with exit 2, before any process-group work),
+    then the stage's Python API."""
+    from pipeline.train.runtime import prepare
+    cfg, ds = prepare(stage, config_path, overrides, ds_path)
     if stage == "finetune":
-        from pipeline.train.finetune import run
+        from pipeline.train.finetune import finetune as train_stage
     else:
-        from pipeline.train.pretrain import run
-    return exit_code_of(lambda: run(config, overrides, ds_path))
+        from pipeline.train.pretrain import pretrain as train_stage
+    train_stage(cfg, ds)
+    return 0
 
 
 def _print_config(stage: str, config: str, overrides: list[str], ds_path: str) -> int:

@@ -205,6 +205,7 @@ class TrainConfig:
     log_every: int = 10
     val_every: int = 0                    # 0: validate only at the end
     threads: int = 0                      # torch threads per rank; 0: cores / local ranks
+    collective_timeout_s: Optional[float] = None   # process-group timeout; None: $DEEPSPEED_TIMEOUT min, else 10 min
 
 
 @dataclass
@@ -218,12 +219,20 @@ class IaisConfig:
     layers: list = field(default_factory=lambda: [-1])
 
 
+# The pool is a preallocated ring buffer (pipeline.train.negatives): its size is fixed and stated here.
+POOL_SIZE_HELP = (
+    "recently streamed samples kept as hard-negative candidates (rounded up to whole micro-batches). The pool is "
+    "preallocated per rank at pipeline.train.negatives.pool_bytes(cfg) = rows x (8 + 25 x data.max_text_len + "
+    "image) bytes, image = 12 x data.image_size^2 (patch), + data.max_regions x 45 (roi), or data.max_regions x "
+    "(4 x feat_dim + 29) (features): demo_tiny.yaml 24.6 MiB, coco_base.yaml 3.14 GiB")
+
+
 @dataclass
 class FinetuneConfig:
     negative_size: int = 31               # candidates scored without gradients per anchor
     hard_size: int = 3                    # highest-scoring candidates kept per anchor
     margin: float = 0.2
-    pool_size: int = 1024                 # recently streamed images/texts kept as candidates
+    pool_size: int = _opt(1024, POOL_SIZE_HELP)
     # both (the reference): text-anchored groups (one text, hard images) and image-anchored groups every step;
     # alternate: text-anchored on even steps, image-anchored on odd steps (half the cost); text / image: one kind
     directions: Literal["alternate", "both", "text", "image"] = "both"
@@ -261,7 +270,8 @@ class EvalConfig:
 
     score_batch: (text, image) pairs per cross-encoder forward. encode_batch: images per
     encode_image call and texts/images per ITC embedding call. image_block: images whose backbone
-    tokens a rank holds at once in full retrieval (bounds memory; each image is still encoded once). two_stage_k: images shortlisted per
+    tokens a rank holds at once in full retrieval (bounds memory; each image is still encoded once).
+    two_stage_k: images shortlisted per
     text query by the ITC dual encoder (16 demo, 128 as ALBEF on Flickr30k); two_stage_k_texts:
     texts shortlisted per image query (None: the same k, as ALBEF). isd_max_pairs: matched pairs
     used for ISD/ISDa (evenly spaced over the captions; None = all). pictures: how many pairs /
@@ -510,40 +520,86 @@ def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> Experi
     return cfg
 
 
-def _check_values(cfg: ExperimentConfig) -> None:
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise UserError(msg)
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UserError(msg)
 
-    need(cfg.train.steps > 0, f"config 'train.steps' = {cfg.train.steps} must be > 0")
-    for name in ("micro_batch_size", "grad_accum", "warmup_steps"):
-        v = getattr(cfg.train, name)
-        need(v == "auto" or v >= (0 if name == "warmup_steps" else 1),
-             f"config 'train.{name}' = {v} must be positive or 'auto'")
-    ft = cfg.finetune
-    need(ft.hard_size >= 1, f"config 'finetune.hard_size' = {ft.hard_size} must be >= 1")
-    need(ft.negative_size >= ft.hard_size,
-         f"config 'finetune.negative_size' = {ft.negative_size} must be >= finetune.hard_size ({ft.hard_size})")
-    need(ft.pool_size > ft.negative_size,
-         f"config 'finetune.pool_size' = {ft.pool_size} must exceed finetune.negative_size ({ft.negative_size})")
-    need(ft.itc_preselect == 0 or ft.negative_size <= ft.itc_preselect < ft.pool_size,
-         f"config 'finetune.itc_preselect' = {ft.itc_preselect} must be 0 (off) or in "
-         f"[finetune.negative_size ({ft.negative_size}), finetune.pool_size ({ft.pool_size}))")
-    need(ft.itc_weight >= 0, f"config 'finetune.itc_weight' = {ft.itc_weight} must be >= 0")
-    need(all(isinstance(x, int) for x in ft.iais.layers),
-         f"config 'finetune.iais.layers' = {ft.iais.layers} must be a list of layer indices")
-    need(0.0 < cfg.pretrain.mrfr_prob < 1.0,
-         f"config 'pretrain.mrfr_prob' = {cfg.pretrain.mrfr_prob} must be in (0, 1)")
-    need(0.0 < cfg.pretrain.mlm_prob < 1.0, f"config 'pretrain.mlm_prob' = {cfg.pretrain.mlm_prob} must be in (0, 1)")
-    t = cfg.pretrain.tasks
-    need(min(t.mlm, t.itm, t.itc, t.mrfr) >= 0 and t.mlm + t.itm + t.itc + t.mrfr > 0,
-         "config 'pretrain.tasks' ratios must be >= 0 and not all 0")
-    need(t.mrfr == 0 or cfg.data.image_mode != "patch",
-         "config 'pretrain.tasks.mrfr' needs regions: set data.image_mode to roi or features, or mrfr to 0")
-    for i, s in enumerate(cfg.pretrain.sources):
-        need(s.weight > 0, f"config 'pretrain.sources[{i}].weight' = {s.weight} must be > 0")
-    need(cfg.data.synthetic is not None or cfg.data.root is not None or cfg.data.train is not None
-         or bool(cfg.pretrain.sources), "config 'data' names no data: set data.train (shards) or data.synthetic")
+
+def _at_least(value, low, key: str, hint: str) -> None:
+    _need(value >= low, f"config '{key}' = {value!r} must be >= {low}: {hint}")
+
+
+def _check_values(cfg: ExperimentConfig) -> None:
+    """Every value rule that needs no file, model or accelerator (those follow in runtime.prepare)."""
+    check_loader_values(cfg.data, "data.")
+    _check_train(cfg.train)
+    _check_finetune(cfg.finetune)
+    _check_pretrain(cfg)
+    _at_least(cfg.checkpoint.every, 0, "checkpoint.every", "save every N steps, or 0 for only at the end")
+    cfg.tracking.validate()
+    _need(cfg.data.synthetic is not None or cfg.data.root is not None or cfg.data.train is not None
+          or bool(cfg.pretrain.sources), "config 'data' names no data: set data.train (shards) or data.synthetic")
+
+
+# The loader's value rules, one place for the data section and pipeline.data.loader.LoaderConfig:
+# key -> (lowest value, what to give instead).
+LOADER_MINIMUMS = {
+    "image_size": (8, "give the image side in pixels"),
+    "max_text_len": (3, "tokens per caption must leave room for [CLS], [SEP] and one word"),
+    "num_workers": (0, "give the DataLoader workers per rank (0: read in the main process)"),
+    "shuffle_buffer": (1, "give the samples held for shuffling (1: stream order)"),
+    "max_regions": (1, "give the image regions kept per image"),
+}
+
+
+def check_loader_values(section, prefix: str) -> None:
+    """UserError naming ``<prefix><key>`` unless ``section`` (DataConfig or LoaderConfig) meets LOADER_MINIMUMS."""
+    for name, (low, hint) in LOADER_MINIMUMS.items():
+        _at_least(getattr(section, name), low, f"{prefix}{name}", hint)
+
+
+def _check_train(tr: TrainConfig) -> None:
+    _need(tr.steps > 0, f"config 'train.steps' = {tr.steps} must be > 0")
+    for name in ("micro_batch_size", "grad_accum"):
+        v = getattr(tr, name)
+        _need(v == "auto" or v >= 1, f"config 'train.{name}' = {v} must be >= 1 or 'auto'")
+    _need(tr.warmup_steps == "auto" or tr.warmup_steps >= 0,
+          f"config 'train.warmup_steps' = {tr.warmup_steps} must be >= 0 or 'auto'")
+    _need(tr.lr == "auto" or tr.lr > 0, f"config 'train.lr' = {tr.lr} must be > 0 or 'auto' (the DeepSpeed JSON's)")
+    _at_least(tr.log_every, 1, "train.log_every", "log every N steps")
+    _at_least(tr.val_every, 0, "train.val_every", "validate every N steps, or 0 for only at the end")
+    _at_least(tr.threads, 0, "train.threads", "give torch threads per rank, or 0 for cores / local ranks")
+    _need(tr.collective_timeout_s is None or tr.collective_timeout_s > 0,
+          f"config 'train.collective_timeout_s' = {tr.collective_timeout_s} must be > 0 seconds or null")
+
+
+def _check_finetune(ft: FinetuneConfig) -> None:
+    _need(ft.hard_size >= 1, f"config 'finetune.hard_size' = {ft.hard_size} must be >= 1")
+    _need(ft.negative_size >= ft.hard_size,
+          f"config 'finetune.negative_size' = {ft.negative_size} must be >= finetune.hard_size ({ft.hard_size})")
+    _need(ft.pool_size > ft.negative_size,
+          f"config 'finetune.pool_size' = {ft.pool_size} must exceed finetune.negative_size ({ft.negative_size})")
+    _need(ft.itc_preselect == 0 or ft.negative_size <= ft.itc_preselect < ft.pool_size,
+          f"config 'finetune.itc_preselect' = {ft.itc_preselect} must be 0 (off) or in "
+          f"[finetune.negative_size ({ft.negative_size}), finetune.pool_size ({ft.pool_size}))")
+    _at_least(ft.margin, 0, "finetune.margin", "give the hinge margin (0.2 in the paper)")
+    _at_least(ft.itc_weight, 0, "finetune.itc_weight", "give a weight, or 0 for no ITC term")
+    _at_least(ft.iais.weight, 0, "finetune.iais.weight", "give a weight, or 0 (or iais.alignment: none) for no IAIS")
+    _need(all(isinstance(x, int) and not isinstance(x, bool) for x in ft.iais.layers),
+          f"config 'finetune.iais.layers' = {ft.iais.layers} must be a list of layer indices")
+
+
+def _check_pretrain(cfg: ExperimentConfig) -> None:
+    pt = cfg.pretrain
+    _need(0.0 < pt.mrfr_prob < 1.0, f"config 'pretrain.mrfr_prob' = {pt.mrfr_prob} must be in (0, 1)")
+    _need(0.0 < pt.mlm_prob < 1.0, f"config 'pretrain.mlm_prob' = {pt.mlm_prob} must be in (0, 1)")
+    t = pt.tasks
+    _need(min(t.mlm, t.itm, t.itc, t.mrfr) >= 0 and t.mlm + t.itm + t.itc + t.mrfr > 0,
+          "config 'pretrain.tasks' ratios must be >= 0 and not all 0")
+    _need(t.mrfr == 0 or cfg.data.image_mode != "patch",
+          "config 'pretrain.tasks.mrfr' needs regions: set data.image_mode to roi or features, or mrfr to 0")
+    for i, s in enumerate(pt.sources):
+        _need(s.weight > 0, f"config 'pretrain.sources[{i}].weight' = {s.weight} must be > 0")
 
 
 # ----------------------------------------------------------------------------- paths

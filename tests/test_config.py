@@ -82,7 +82,7 @@ def test_help_documents_options_and_keys(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 0
     for needle in ("--config", "--set", "--deepspeed_config", "--resume", "--num_gpus", "finetune.iais.alignment",
-                   "finetune.negative_size", "train.micro_batch_size", "checkpoint.resume"):
+                   "finetune.negative_size", "train.micro_batch_size", "checkpoint.resume", "pool_bytes(cfg)"):
         assert needle in proc.stdout, needle
 
 
@@ -241,3 +241,88 @@ def test_resume_picks_the_newest_complete_checkpoint_and_checks_its_config(tmp_p
     check_resume_config(forced, resume_point(forced))
     with pytest.raises(UserError, match="no complete checkpoint"):
         resume_point(_cfg(f"run_dir={tmp_path / 'other'}", "checkpoint.resume=true"))
+
+
+# ----------------------------------------------------------------------------- every user error before start()
+
+def _saved_model_dir(tmp_path: Path) -> Path:
+    import models
+    model = models.create_model("tiny", vocab_size=50, num_layers=2)
+    model.save_pretrained(tmp_path / "saved")
+    return tmp_path / "saved"
+
+
+def _prepare(tmp_path: Path, *sets: str):
+    from pipeline.train import runtime
+    base = ["data.synthetic={}", f"run_dir={tmp_path / 'run'}", "train.micro_batch_size=8", "train.lr=0.001",
+            "train.warmup_steps=1"]
+    return runtime.prepare("finetune", None, [*base, *sets], str(ZERO2))
+
+
+@pytest.mark.parametrize("sets, key", [
+    (["tracking.queue_size=0"], "tracking.queue_size"),
+    (["tracking.http_timeout_s=-1"], "tracking.http_timeout_s"),
+    (["data.max_regions=0"], "data.max_regions"),
+    (["data.image_size=4"], "data.image_size"),
+    (["data.max_text_len=2"], "data.max_text_len"),
+    (["data.num_workers=-1"], "data.num_workers"),
+    (["data.shuffle_buffer=0"], "data.shuffle_buffer"),
+    (["train.log_every=0"], "train.log_every"),
+    (["train.warmup_steps=-1"], "train.warmup_steps"),
+    (["train.lr=0"], "train.lr"),
+    (["train.lr=-0.1"], "train.lr"),
+    (["train.threads=-2"], "train.threads"),
+    (["train.val_every=-1"], "train.val_every"),
+    (["finetune.iais.layers=[3]"], "finetune.iais.layers"),      # the tiny preset has 3 layers: -3..2
+    (["finetune.iais.layers=[-4]"], "finetune.iais.layers"),
+    (["checkpoint.every=-1"], "checkpoint.every"),
+    (["finetune.margin=-0.1"], "finetune.margin"),
+    (["finetune.iais.weight=-1"], "finetune.iais.weight"),
+    (["model.preset=no_such_preset"], "no_such_preset"),
+    (["model.preset=nowhere/model"], "model.preset"),
+])
+def test_user_errors_are_found_before_any_process_group(tmp_path, sets, key):
+    with pytest.raises(UserError) as caught:
+        _prepare(tmp_path, *sets)
+    message = str(caught.value)
+    assert key in message and "\n" not in message, message
+    value = sets[0].split("=", 1)[1]
+    assert value.strip("[]") in message, message
+
+
+def test_valid_edges_pass_prepare(tmp_path):
+    _prepare(tmp_path, "finetune.iais.layers=[-3, 2]", "train.threads=0", "checkpoint.every=0",
+             "finetune.margin=0", "finetune.iais.weight=0", "data.num_workers=0", "data.max_text_len=3")
+
+
+def test_a_save_pretrained_dir_as_preset_validates_and_builds_the_same_model(tmp_path):
+    from pipeline.train.build import build_model, model_config
+    saved = _saved_model_dir(tmp_path)
+    cfg, _ = _prepare(tmp_path, f"model.preset={saved}", "finetune.iais.layers=[-2]")
+    model = build_model(cfg, vocab_size=50)
+    assert model.config == model_config(cfg, vocab_size=50) and model.config.num_layers == 2
+    with pytest.raises(UserError, match="finetune.iais.layers"):           # its 2 layers, not the preset's 3
+        _prepare(tmp_path, f"model.preset={saved}", "finetune.iais.layers=[2]")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="model.preset"):
+        _prepare(tmp_path, f"model.preset={tmp_path / 'empty'}")
+
+
+def test_loader_config_shares_the_data_rules():
+    from pipeline.data.loader import LoaderConfig
+    with pytest.raises(UserError, match="max_regions"):
+        LoaderConfig(shards="x", max_regions=0)
+    with pytest.raises(UserError, match="max_text_len"):
+        LoaderConfig(shards="x", max_text_len=2)
+
+
+def test_pool_size_help_states_the_memory_bound():
+    import dataclasses
+    from pipeline.config import FinetuneConfig
+    (pool_size,) = [f for f in dataclasses.fields(FinetuneConfig) if f.name == "pool_size"]
+    assert "pool_bytes" in pool_size.metadata["help"] and "coco_base.yaml 3.14 GiB" in pool_size.metadata["help"]
+
+
+def test_tracking_error_exits_2_before_deepspeed(tmp_path):
+    proc = run_finetune("--set", "tracking.queue_size=0", cwd=tmp_path)
+    assert_user_error(proc, "tracking.queue_size", "0")

@@ -2,7 +2,9 @@
 against the authors' formula (lancopku/IAIS train_itm_hard_negatives.py)."""
 from __future__ import annotations
 
+import collections
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,10 @@ import models
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.train.finetune_step import FinetuneStep
-from pipeline.train.negatives import CandidatePool, iais_schedule
+from pipeline.train.negatives import (IMAGE_KEYS, TEXT_KEYS, CandidatePool, PoolWidths, iais_schedule, pad_cat,
+                                      pool_bytes)
+
+REPO = Path(__file__).resolve().parent.parent
 
 REGIONS, FEAT, VOCAB = 5, 16, 40
 
@@ -166,3 +171,121 @@ def test_step_reports_the_shapes_it_ran():
     assert scalars["pairs_scored"] == 2 * 8 * 6
     assert scalars["pairs_trained"] == 8 + 2 * 8 * 2
     assert scalars["rank_loss"] == pytest.approx(scalars["rank_loss_t2i"] + scalars["rank_loss_i2t"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- the ring-buffer pool
+
+class DequePool:
+    """The pool as it was before the ring buffer: the last N batches, concatenated whole on every lookup."""
+
+    def __init__(self, capacity: int):
+        self.batches = collections.deque(maxlen=capacity)
+
+    def add(self, batch: dict) -> None:
+        self.batches.append({k: v.clone() for k, v in batch.items()})
+
+    def rows(self, keys: tuple[str, ...], index: torch.Tensor) -> dict:
+        return {k: pad_cat([b[k] for b in self.batches], -1 if k in ("word_index", "word_to_region") else 0)[index]
+                for k in keys if k in self.batches[0]}
+
+    def image_ids(self) -> torch.Tensor:
+        return torch.cat([b["image_id"] for b in self.batches])
+
+
+def varying_batch(gen: torch.Generator, b: int, first_id: int) -> dict:
+    """make_batch with a random region width and word_index, so both padded dimensions vary between adds."""
+    batch = make_batch(gen, b, first_id)
+    regions = int(torch.randint(2, REGIONS + 1, (1,), generator=gen))
+    for key in ("region_feat", "region_pos", "region_mask"):
+        batch[key] = batch[key][:, :regions].contiguous()
+    batch["word_index"] = torch.where(batch["text_mask"], torch.arange(batch["input_ids"].shape[1]), -1)
+    batch["text_id"] = batch["image_id"] * 10
+    return batch
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+
+
+@pytest.mark.parametrize("widths", [PoolWidths(), PoolWidths(text=12, regions=REGIONS)], ids=["grown", "preallocated"])
+def test_ring_pool_returns_what_the_deque_pool_returned(widths):
+    """Over adds with varying text / region widths and several wrap-arounds, every lookup (rows, order,
+    padding, dtypes) equals the concatenating pool's, and the row numbering puts the newest batch last."""
+    gen, b, capacity = torch.Generator().manual_seed(4), 4, 3
+    ring, ref = CandidatePool(capacity, widths), DequePool(capacity)
+    for i in range(11):
+        batch = varying_batch(gen, b, 10 * i)
+        ring.add(batch)
+        ref.add(batch)
+        assert len(ring) == len(ref.image_ids()) == b * min(i + 1, capacity)
+        assert torch.equal(ring.image_ids(), ref.image_ids())
+        assert torch.equal(ring.image_ids()[len(ring) - b:], batch["image_id"])   # the current batch ends the pool
+        index = torch.randint(len(ring), (7,), generator=gen)
+        assert_same(ring.images(index), ref.rows(IMAGE_KEYS, index))
+        assert_same(ring.texts(index), ref.rows(TEXT_KEYS, index))
+        grid = torch.randint(len(ring), (2, 3), generator=gen)
+        assert_same(ring.images(grid), ref.rows(IMAGE_KEYS, grid))
+        draw = (torch.tensor([10 * i, 5]), 3, 7 + i)
+        assert torch.equal(ring.draw_per_anchor(*draw[:2], torch.Generator().manual_seed(draw[2])),
+                           ref_draw(ref, *draw))
+
+
+def ref_draw(ref: DequePool, anchors: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """The deque pool's draw_per_anchor (the same formula over its image ids)."""
+    valid = anchors.unsqueeze(1) != ref.image_ids().unsqueeze(0)
+    keys = torch.rand(valid.shape, generator=torch.Generator().manual_seed(seed)).masked_fill_(~valid, 2.0)
+    return keys.topk(n, dim=1, largest=False, sorted=False).indices
+
+
+def test_ring_pool_writes_in_place_and_lookups_copy_only_the_rows_asked_for():
+    gen, b, capacity = torch.Generator().manual_seed(6), 4, 5
+    pool = CandidatePool(capacity, PoolWidths(text=12, regions=REGIONS))
+    pool.add(varying_batch(gen, b, 0))
+    storage = {key: t.data_ptr() for key, t in pool._store.items()}
+    allocated = pool.nbytes()
+    assert "text_id" not in storage                      # only what lookups read is kept
+    assert allocated == sum(t.numel() * t.element_size() for t in pool._store.values())
+    for i in range(1, 3 * capacity):                     # several wrap-arounds
+        pool.add(varying_batch(gen, b, 10 * i))
+        assert {key: t.data_ptr() for key, t in pool._store.items()} == storage
+        assert pool.nbytes() == allocated
+    assert pool._store["region_feat"].shape == (capacity * b, REGIONS, FEAT)
+    assert pool._store["input_ids"].shape == (capacity * b, 12)
+    rows = torch.tensor([0, 5, len(pool) - 1])
+    images, texts = pool.images(rows), pool.texts(rows)
+    assert images["region_feat"].shape[0] == texts["input_ids"].shape[0] == 3
+    assert images["region_feat"].data_ptr() != pool._store["region_feat"].data_ptr()
+    assert texts["input_ids"].shape[1] <= 12 and images["region_mask"].shape[1] <= REGIONS
+    with pytest.raises(IndexError):
+        pool.images(torch.tensor([len(pool)]))
+
+
+def test_ring_pool_grows_a_width_it_was_not_given():
+    gen = torch.Generator().manual_seed(8)
+    pool = CandidatePool(2)
+    narrow, wide = make_batch(gen, 4, 0), make_batch(gen, 4, 10)
+    narrow["input_ids"], narrow["text_mask"] = narrow["input_ids"][:, :3], narrow["text_mask"][:, :3]
+    pool.add(narrow)
+    pool.add(wide)
+    assert pool._store["input_ids"].shape[1] == wide["input_ids"].shape[1]
+    assert torch.equal(pool.texts(torch.arange(4))["input_ids"][:, :3], narrow["input_ids"])
+    assert not pool.texts(torch.arange(4))["text_mask"][:, 3:].any()
+
+
+def test_pool_bytes_states_the_preallocated_size():
+    cfg = load_config(None, ["data.synthetic={}", "data.image_mode=features", "data.max_regions=5",
+                             "data.max_text_len=12", "train.micro_batch_size=4", "finetune.pool_size=18",
+                             "finetune.negative_size=3", "finetune.hard_size=1"])
+    pool = CandidatePool.for_config(cfg, 4)
+    gen = torch.Generator().manual_seed(9)
+    for i in range(7):
+        batch = varying_batch(gen, 4, 10 * i)
+        batch.pop("text_id")
+        batch["word_to_region"] = batch["word_index"].clone()
+        pool.add(batch)
+    assert pool.capacity_batches == pool.batches.maxlen == 5               # 18 samples -> 5 batches of 4
+    assert pool.nbytes() == pool_bytes(cfg, feat_dim=FEAT)
+    coco = load_config(REPO / "launch" / "configs" / "coco_base.yaml")
+    assert pool_bytes(coco) == 4096 * (8 + 25 * 60 + 100 * (4 * 2048 + 7 * 4 + 1))   # feat_dim from the model

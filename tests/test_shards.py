@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline.errors import UserError
 from pipeline.data.shards import Sample, ShardWriter, read_manifest, shard_paths, write_split
 from pipeline.data.sources import (ImageOptions, karpathy_entries, karpathy_samples, load_region_features,
-                              read_karpathy, read_table, table_samples)
+                                   read_karpathy, read_table, table_samples)
 from pipeline.data.tokenizer import iter_captions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,8 +234,8 @@ def test_cli_missing_image_exits_2_naming_path(karpathy, tmp_path):
          "--out", str(tmp_path / "out"), "--split", "test=test", "--quiet"],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"error: image not found: {images / 'd.jpg'} " \
-                                                      "(check the image root / paths in the input)"
+    expected = f"error: image not found: {images / 'd.jpg'} (check the image root / paths in the input)"
+    assert result.stderr.strip().splitlines()[-1] == expected
     assert not (tmp_path / "out/test/manifest.json").exists()
 
 

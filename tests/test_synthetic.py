@@ -15,8 +15,8 @@ from pipeline.data.shards import read_manifest
 from pipeline.data.tokenizer import iter_captions
 from test_shards import members as tar_members
 from pipeline.data.synthetic import (PALETTE, SHAPES, SPLITS, Caption, Fact, Scene, SceneObject, SyntheticConfig,
-                                build_synthetic_dataset, ensure_synthetic_dataset, load_synthetic_config,
-                                retrieval_ceiling)
+                                     build_synthetic_dataset, ensure_synthetic_dataset, load_synthetic_config,
+                                     retrieval_ceiling)
 
 CFG = SyntheticConfig(seed=3, train=60, val=6, test=24, relations=8, shard_samples=16)
 RELATION_WORDS = {"left": "left", "right": "right", "above": "above", "top": "above",

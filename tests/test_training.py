@@ -213,7 +213,7 @@ def test_pretrain_zero3_two_ranks_logs_task_losses(tiny_data, mlflow_server, tmp
 def test_resume_gives_the_same_losses(tiny_data, tmp_path):
     full = tmp_path / "full"
     sets = common_sets(tiny_data, full, None, steps=6) + ["checkpoint.every=3", "checkpoint.export=false",
-                                                           "eval.test=false"]
+                                                          "eval.test=false"]
     launch("finetune", "zero2", sets)
     # a run interrupted after step 3: its checkpoint directory as it was then
     resumed = tmp_path / "resumed"
@@ -336,3 +336,34 @@ def test_pretrain_mixes_weighted_sources_with_gradient_accumulation(tiny_data, t
     # batches each source has served: val holds 12 images = 3 batches of 4 per epoch, train 48
     served = [state["epoch"] * per_epoch + state["batches"] for state, per_epoch in zip(client["loader"], (48, 3))]
     assert sum(served) == 4 * 2 and min(served) >= 1, client["loader"]   # 4 steps x 2 micro-batches
+
+
+@pytest.mark.slow
+def test_finetune_api_with_gradient_accumulation_returns_the_test_metrics(tiny_data, tmp_path):
+    """`finetune(cfg, ds)` in one single-rank process (the environment a launcher would set), no CLI: it
+    returns the test metrics it wrote; two micro-batches per step go through the real engine."""
+    ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    ds["gradient_accumulation_steps"] = "auto"
+    (tmp_path / "zero2_auto.json").write_text(json.dumps(ds))
+    run_dir = tmp_path / "ft_api"
+    sets = common_sets(tiny_data, run_dir, None, steps=2) + ["train.grad_accum=2", "checkpoint.export=false"]
+    code = ("import json, sys\n"
+            "from pipeline.train.runtime import prepare\n"
+            "from pipeline.train.finetune import finetune\n"
+            "cfg, ds = prepare('finetune', sys.argv[1], sys.argv[3:], sys.argv[2])\n"
+            "print('METRICS ' + json.dumps(finetune(cfg, ds)))\n")
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=os.environ.get(
+                   "TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([sys.executable, "-c", code, str(REPO / "launch" / "configs" / "demo_tiny.yaml"),
+                           str(tmp_path / "zero2_auto.json"), *sets],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("METRICS ")][-1]
+    metrics = json.loads(line[len("METRICS "):])
+    assert metrics == json.loads((run_dir / "test_metrics.json").read_text())
+    assert {"txt_r1", "img_r1", "rsum", "isd_singular_L"} <= set(metrics)
+    assert json.loads((run_dir / "ds_config.json").read_text())["gradient_accumulation_steps"] == 2
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]

@@ -83,7 +83,7 @@ def reference_rank_score(s, input_ids, img_feat, img_pos):
            + types[0])
     txt = ln(f"{e}.LayerNorm", txt)
     img = ln(f"{i}.img_layer_norm", lin(f"{i}.img_linear", img_feat)) + ln(f"{i}.pos_layer_norm",
-                                                                          lin(f"{i}.pos_linear", img_pos))
+                                                                           lin(f"{i}.pos_linear", img_pos))
     img = ln(f"{i}.LayerNorm", img + types[1])
     h = torch.cat([txt, img], 0)
     d = HIDDEN // HEADS

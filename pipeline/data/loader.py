@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.decode import (BadSample, DecodeSpec, SkipCounter, collate, decode_train_sample, select_member,
                                   stable_id)
+from pipeline.config import check_loader_values
 from pipeline.errors import UserError
 from pipeline.data.shards import Shard, resolve_shards
 
@@ -65,10 +66,8 @@ class LoaderConfig:
     prefetch_factor: int = 2
 
     def __post_init__(self) -> None:
-        checks = [("batch_size", self.batch_size >= 1), ("image_size", self.image_size >= 8),
-                  ("max_text_len", self.max_text_len >= 2), ("num_workers", self.num_workers >= 0),
-                  ("shuffle_buffer", self.shuffle_buffer >= 1), ("max_regions", self.max_regions >= 1),
-                  ("image_mode", self.image_mode in IMAGE_MODES),
+        check_loader_values(self, "loader.")   # the data section's rules (image size, text length, ...)
+        checks = [("batch_size", self.batch_size >= 1), ("image_mode", self.image_mode in IMAGE_MODES),
                   ("mean/std", len(self.mean) == 3 and len(self.std) == 3 and min(self.std) > 0)]
         for name, ok in checks:
             if not ok:

@@ -13,7 +13,6 @@ from pipeline.data.eval_split import EvalData
 from pipeline.evaluation.metrics import retrieval_recalls
 
 
-
 @dataclass
 class EvalResult:
     """metrics: flat dict of floats (recalls, ISD, Winoground, pairs/s); timings: seconds per stage;
@@ -23,7 +22,6 @@ class EvalResult:
     timings: dict[str, float] = field(default_factory=dict)
     scores: torch.Tensor | None = None
     two_stage_scores: tuple[torch.Tensor, torch.Tensor] | None = None
-
 
 
 # ----------------------------------------------------------------------------- all together

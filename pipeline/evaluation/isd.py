@@ -12,7 +12,6 @@ from pipeline.evaluation.retrieval import device_of, images_for, sharded_map
 from pipeline.data.eval_split import EvalData
 
 
-
 # ----------------------------------------------------------------------------- ISD / ISDa
 
 def _isd_captions(data: EvalData, cfg: EvalConfig) -> torch.Tensor:
@@ -157,5 +156,3 @@ def _annotation_summary(columns: torch.Tensor) -> dict[str, float]:
     return {"isda": float(isda[has].mean()) if has.any() else float("nan"), "isda_pairs": float(has.sum()),
             "isda_words": words, "isda_words_annotated": float(annotated.sum()),
             "grounding_acc": 100.0 * float(hits.sum()) / words if words else float("nan")}
-
-

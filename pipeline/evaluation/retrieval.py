@@ -25,7 +25,6 @@ from pipeline.data.eval_split import EvalData
 from pipeline.evaluation.metrics import retrieval_recalls
 
 
-
 # ----------------------------------------------------------------------------- sharding
 
 def device_of(model: torch.nn.Module) -> torch.device:
@@ -308,5 +307,3 @@ def two_stage_recalls(t2i: torch.Tensor, i2t: torch.Tensor, text_to_image: torch
     out["rsum"] = float(sum(values))
     out["r_mean"] = out["rsum"] / len(values)
     return out
-
-

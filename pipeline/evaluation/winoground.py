@@ -11,7 +11,6 @@ from pipeline.data.eval_split import EvalData
 from pipeline.evaluation.metrics import winoground_scores
 
 
-
 # ----------------------------------------------------------------------------- Winoground
 
 def resolve_quadruples(data: EvalData, entries: list[dict], tokenizer=None, max_len: int = 40
@@ -60,5 +59,3 @@ def winoground_metrics(model, data: EvalData, quads: list[tuple[int, int, int, i
     w = winoground_scores(scores)
     return {"wino_text": w["text"], "wino_image": w["image"], "wino_group": w["group"],
             "wino_quadruples": float(len(quads))}
-
-

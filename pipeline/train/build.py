@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -46,21 +47,48 @@ def ensure_tokenizer(cfg: ExperimentConfig, stage_sources: list[str]):
     return path, load_tokenizer(path)
 
 
+def model_config(cfg: ExperimentConfig, vocab_size: int | None = None):
+    """The ModelConfig a run builds: ``model.preset`` (a preset name, a config .json, or a save_pretrained
+    directory's config.json) + the data section's implied fields + ``model.overrides`` (+ ``vocab_size``).
+    The one resolver of start-up validation and :func:`build_model`, so whatever validates builds."""
+    from models import ConfigError
+    from models.registry import resolve_config
+    from pipeline.train.runtime import model_overrides
+    overrides = model_overrides(cfg)
+    if vocab_size is not None:
+        overrides = {**overrides, "vocab_size": vocab_size}
+    try:
+        return resolve_config(_preset_base(cfg.model.preset), **overrides)
+    except ConfigError as exc:
+        raise UserError(f"config 'model.preset' = {cfg.model.preset!r} with model.overrides: {exc}") from None
+    except TypeError as exc:
+        raise UserError(f"model.overrides: {exc}") from None
+
+
+def _preset_base(preset: str):
+    """A preset name as it is, or the ModelConfig of a config .json / save_pretrained directory."""
+    from models import ModelConfig
+    path = resolve_path(preset)
+    if path.suffix != ".json" and not path.is_dir():
+        return preset
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"config 'model.preset' = {preset}: no such model config file; give a preset name, "
+                        f"a config .json or a save_pretrained directory")
+    try:
+        return ModelConfig.from_dict(json.loads(file.read_text(encoding="utf-8")))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"config 'model.preset' = {preset}: {file} is not valid JSON (line {exc.lineno})") from None
+
+
 def build_model(cfg: ExperimentConfig, vocab_size: int):
     """A fresh model from preset + overrides, or the weights of ``model.init``."""
-    from models import RetrievalModel, create_model
-    from pipeline.train.runtime import model_overrides
+    from models import RetrievalModel
     init = resolve_path(cfg.model.init) if cfg.model.init else None
     if init is not None and (init / "config.json").is_file() and (init / "model.safetensors").is_file():
         model = RetrievalModel.from_pretrained(init)
     else:
-        preset = cfg.model.preset
-        path = Path(preset)
-        if path.suffix == ".json":
-            from models import ModelConfig
-            import json
-            preset = ModelConfig.from_dict(json.loads(path.read_text()))
-        model = create_model(preset, **{**model_overrides(cfg), "vocab_size": vocab_size})
+        model = RetrievalModel(model_config(cfg, vocab_size))
         if init is not None:
             model.load_state_dict(_state_dict_from(init), strict=False)
     if model.config.vocab_size != vocab_size:

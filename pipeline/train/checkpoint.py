@@ -175,5 +175,3 @@ def export_pretrained(engine, run: Run, tag: str, out_dir: Path, tokenizer_path:
             (out_dir / f"tokenizer{tokenizer_path.suffix}").write_bytes(tokenizer_path.read_bytes())
     dist_utils.barrier()
     return out_dir if run.is_main else None
-
-

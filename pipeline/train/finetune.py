@@ -2,25 +2,27 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from typing import Optional
 
 from pipeline import distributed as dist_utils
 from pipeline.train import checkpoint as ckpt, loop, runtime as T
-from pipeline.config import split_path
+from pipeline.config import ExperimentConfig, split_path
 from pipeline.train.finetune_step import FinetuneStep
 from pipeline.train.negatives import CandidatePool
-from pipeline.train.build import build_model, ensure_data, ensure_tokenizer, loader_config, to_device
+from pipeline.train.build import build_model, ensure_data, ensure_tokenizer, loader_config
 from pipeline.data.loader import BatchStream
 from pipeline.evaluation.evaluate import evaluate_split, relations_split, winoground_on_split
-from pipeline.evaluation.report import recall_table
+from pipeline.evaluation.report import results_table
 
 
-def run(config_path: Optional[str], overrides: list[str], ds_path: str) -> int:
-    cfg, ds = T.prepare("finetune", config_path, overrides, ds_path)   # user errors end here, exit 2
+def finetune(cfg: ExperimentConfig, ds_config: dict,
+             stop: Optional[loop.StopFlag] = None) -> dict[str, float]:
+    """Fine-tune under DeepSpeed (``cfg`` and ``ds_config`` from :func:`runtime.prepare`). Returns the test
+    metrics, or the last logged training scalars when there is no test split or ``stop`` ended the run early
+    (after saving a checkpoint to resume from)."""
     t_start = time.perf_counter()
-    run = T.start(cfg, ds, "finetune")
+    run = T.start(cfg, ds_config, "finetune")
     T.note(run, "process group ready")
     ensure_data(cfg, progress=run.is_main)
     train_spec = split_path(cfg, "train")
@@ -31,11 +33,14 @@ def run(config_path: Optional[str], overrides: list[str], ds_path: str) -> int:
     T.note(run, f"DeepSpeed engine ready (ZeRO {T.zero_stage(run)}, world size {run.world_size})")
     job = FinetuneJob(run, engine, tokenizer, tok_path, train_spec)
     T.note(run, "loader, candidate pool and tracking ready")
-    job.train()
-    job.finish()
+    result = job.train(stop)
+    if result.stopped is not None:
+        job.close_stopped(result.stopped)
+        return result.last_logged
+    metrics = job.finish()
     if run.is_main:
         print(f"[finetune] done in {time.perf_counter() - t_start:.0f} s (process wall time)", flush=True)
-    return 0
+    return metrics or result.last_logged
 
 
 class FinetuneJob:
@@ -55,7 +60,7 @@ class FinetuneJob:
             T.init_rank_head(engine, run)
         self.stream = BatchStream(self.loader_cfg, tokenizer, run.rank, run.world_size,
                                   state=client["loader"] if client else None)
-        pool = CandidatePool(math.ceil(cfg.finetune.pool_size / mbs))
+        pool = CandidatePool.for_config(cfg, mbs)
         self.pool = self.fill_pool(pool, resumed=client is not None)
         self.step_fn = FinetuneStep(cfg, engine.module, self.pool, run.device, cfg.train.steps, forward=engine)
         self.tracker = T.open_tracker(run, client)
@@ -67,7 +72,7 @@ class FinetuneJob:
         reads ``capacity - 1`` batches into it before step 0 (so the first step mines from a full pool); a
         resumed run replays the same ``capacity - 1`` batches before its position, so its pool equals the
         uninterrupted run's."""
-        fill = pool.batches.maxlen - 1
+        fill = pool.capacity_batches - 1
         for batch in (self.stream.history(fill) if resumed else (next(self.stream) for _ in range(fill))):
             pool.add(batch)
         return pool
@@ -80,92 +85,84 @@ class FinetuneJob:
         return load_eval_split(path, self.tokenizer, lcfg)
 
     # ---- loop -------------------------------------------------------------------------------------
-    def train(self) -> None:
-        cfg, run, engine = self.cfg, self.run, self.engine
-        total, gas = cfg.train.steps, cfg.train.grad_accum
-        window = loop.MetricWindow()
-        bar = loop.progress(run, total, self.step)
-        engine.train()
-        while self.step < total:
-            for _ in range(gas):
-                batch = next(self.stream)
-                self.pool.add(batch)
-                batch = to_device(batch, run.device)
-                loss, scalars = self.step_fn(batch, self.step, T.step_generator(cfg, self.step, run.rank))
-                engine.backward(loss)
-                engine.step()
-            self.step += 1
-            scalars.update(lr=T.current_lr(engine), grad_norm=T.grad_norm(engine))
-            window.add(scalars, batch["input_ids"].shape[0] * gas)
-            if self.step % cfg.train.log_every == 0 or self.step == total:
-                self.log_window(window, bar)
-            bar.update(1)
-            if cfg.train.val_every and self.step % cfg.train.val_every == 0 and self.step < total:
-                self.validate()
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < total:
-                self.save()
-        bar.close()
+    def hooks(self) -> loop.StageHooks:
+        return loop.StageHooks(step_fn=self.step_fn, next_batch=lambda step, micro: next(self.stream),
+                               on_batch=self.pool.add, save=self.save, skipped=lambda: self.stream.skipped,
+                               validate=self.validate)
 
-    def log_window(self, window: loop.MetricWindow, bar) -> None:
-        values = window.flush(self.stream.skipped)
-        loop.finite_or_raise({k: v for k, v in values.items() if k != "grad_norm"}, self.step)
-        self.tracker.log_metrics(values, self.step)
-        loop.append_jsonl(self.run, {"step": self.step, **values})
-        bar.set_postfix(loss=f"{values['loss']:.4f}", samples_per_s=f"{values['samples_per_s']:.1f}")
+    def train(self, stop: Optional[loop.StopFlag] = None) -> loop.LoopResult:
+        result = loop.train(self.run, self.engine, self.hooks(), self.tracker, self.step, stop)
+        self.step = result.step
+        return result
 
-    def save(self) -> str:
+    def save(self, step: int) -> str:
         extra = {"best_rsum": self.best_rsum, "best_tag": self.best_tag}
-        return ckpt.save_checkpoint(self.engine, self.run, self.step, self.stream.state(), self.tracker.run_id
-                                 if self.run.is_main else None, extra)
+        return ckpt.save_checkpoint(self.engine, self.run, step, self.stream.state(), self.tracker.run_id
+                                    if self.run.is_main else None, extra)
 
     # ---- evaluation -------------------------------------------------------------------------------
-    def validate(self, final_tag: Optional[str] = None) -> dict:
+    def validate(self, step: int, final_tag: Optional[str] = None) -> dict:
         if self._val_split is None:
             ev = self.cfg.eval
             self._val_split = self.eval_split("val").subset(ev.val_max_images, ev.val_captions_per_image)
-        pictures = self.run.run_dir / "pictures" / f"val_step{self.step:07d}"
+        pictures = self.run.run_dir / "pictures" / f"val_step{step:07d}"
         metrics = evaluate_split(self.engine.module, self._val_split, self.cfg.eval, pictures)
         if self.run.is_main and pictures.is_dir():
-            self.tracker.log_artifact(pictures, f"pictures/val_step{self.step:07d}")
-        self.tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, self.step)
-        loop.append_jsonl(self.run, {"step": self.step, **{f"val/{k}": v for k, v in metrics.items()}})
+            self.tracker.log_artifact(pictures, f"pictures/val_step{step:07d}")
+        self.tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step)
+        loop.append_jsonl(self.run, {"step": step, **{f"val/{k}": v for k, v in metrics.items()}})
         if self.run.is_main:
-            print("\n" + recall_table(metrics, f"validation @ step {self.step}"), flush=True)
+            print("\n" + results_table(metrics, f"validation @ step {step}"), flush=True)
         if self.cfg.checkpoint.keep_best and metrics["rsum"] > self.best_rsum:
             self.best_rsum = metrics["rsum"]
             self.best_tag = final_tag or "best"
             if final_tag is None:
                 extra = {"best_rsum": self.best_rsum, "best_tag": self.best_tag}
-                ckpt.save_checkpoint(self.engine, self.run, self.step, self.stream.state(), None, extra, tag="best")
+                ckpt.save_checkpoint(self.engine, self.run, step, self.stream.state(), None, extra,
+                                     tag="best")
         return metrics
 
-    def finish(self) -> None:
+    def finish(self) -> dict[str, float]:
+        """Final save, validation, test and export; returns the test metrics ({} without a test)."""
         cfg, run = self.cfg, self.run
-        tag = self.save()
+        tag = self.save(self.step)
         if cfg.train.val_every:   # with no periodic validation there is nothing to pick a best from
-            self.validate(final_tag=tag)
+            self.validate(self.step, final_tag=tag)
         best = self.best_tag if cfg.checkpoint.keep_best and self.best_tag else tag
         if best != tag:   # test / export the best validated weights, not the last ones
             self.engine.load_checkpoint(str(run.ckpt_dir), tag=best, load_module_only=True,
                                         load_optimizer_states=False, load_lr_scheduler_states=False)
-        if cfg.eval.test and split_path(cfg, "test"):
-            pictures = run.run_dir / "pictures" / "test"
-            metrics = evaluate_split(self.engine.module, self.eval_split("test"), cfg.eval, pictures)
-            relations = relations_split(cfg)
-            if relations is not None and cfg.eval.winoground:
-                metrics.update(winoground_on_split(self.engine.module, self.eval_split(relations), cfg.eval))
-            if run.is_main and pictures.is_dir():
-                self.tracker.log_artifact(pictures, "pictures/test")
-            self.tracker.log_metrics({f"test/{k}": v for k, v in metrics.items()}, self.step)
-            if run.is_main:
-                table = recall_table(metrics, f"test (weights of checkpoint {best})")
-                print("\n" + table, flush=True)
-                (run.run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-                self.tracker.log_text(table + "\n", "test_recall.md")
+        metrics = self.test(best) if cfg.eval.test and split_path(cfg, "test") else {}
         if cfg.checkpoint.export:
             out = ckpt.export_pretrained(self.engine, run, best, run.run_dir / "model", self.tok_path)
             if out is not None:
                 print(f"[finetune] consolidated fp32 model: {out}", flush=True)
                 self.tracker.log_artifact(out, "model")
         self.tracker.close("FINISHED")
+        dist_utils.barrier()
+        return metrics
+
+    def test(self, best: str) -> dict[str, float]:
+        """Test split (+ Winoground on the relations split) with the weights of checkpoint ``best``."""
+        cfg, run = self.cfg, self.run
+        pictures = run.run_dir / "pictures" / "test"
+        metrics = evaluate_split(self.engine.module, self.eval_split("test"), cfg.eval, pictures)
+        relations = relations_split(cfg)
+        if relations is not None and cfg.eval.winoground:
+            metrics.update(winoground_on_split(self.engine.module, self.eval_split(relations), cfg.eval))
+        if run.is_main and pictures.is_dir():
+            self.tracker.log_artifact(pictures, "pictures/test")
+        self.tracker.log_metrics({f"test/{k}": v for k, v in metrics.items()}, self.step)
+        if run.is_main:
+            table = results_table(metrics, f"test (weights of checkpoint {best})")
+            print("\n" + table, flush=True)
+            (run.run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            self.tracker.log_text(table + "\n", "test_recall.md")
+        return metrics
+
+    def close_stopped(self, reason: str) -> None:
+        """After a stop: the checkpoint is saved; end the MLflow run (a resume continues it)."""
+        if self.run.is_main:
+            print(f"[finetune] stopped after step {self.step} ({reason}); resume with --resume", flush=True)
+        self.tracker.close("KILLED")
         dist_utils.barrier()

@@ -14,7 +14,7 @@ import torch
 from models.iais import iais_loss
 from pipeline.config import ExperimentConfig
 from pipeline.train.negatives import (CandidatePool, index_tokens, margin_rank_loss, pad_cat, score_grid, text_rows,
-                                iais_schedule, IMAGE_KEYS, TEXT_KEYS)
+                                      iais_schedule, IMAGE_KEYS, TEXT_KEYS)
 from pipeline.errors import UserError
 from pipeline.train.objectives import itc_loss
 

@@ -1,13 +1,25 @@
-"""The per-step metric window (averaged over ranks, logged by rank 0), the metrics file and progress."""
+"""The one training loop of both stages, with its metric window (averaged over ranks, logged by rank 0), the
+metrics file, the progress bar and the stop flag.
+
+A stage plugs in a :class:`StageHooks` (its step function, where its batches come from, validation, saving)
+and calls :func:`train`; its final save, test and export stay in the stage."""
 from __future__ import annotations
 
 import json
 import math
+import threading
 import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
+import torch
 
 from pipeline import distributed as dist_utils
+from pipeline.train import runtime as T
+from pipeline.train.build import to_device
 from pipeline.train.runtime import Run
+
+StepFn = Callable[[dict, int, torch.Generator], tuple[torch.Tensor, dict]]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -42,6 +54,17 @@ class MetricWindow:
         return {**means, **counts}
 
 
+def mean_scalars(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Per key, the mean over the rows that hold it (the micro-batches of one optimizer step)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for row in rows:
+        for k, v in row.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+            counts[k] = counts.get(k, 0) + 1
+    return {k: sums[k] / counts[k] for k in sums}
+
+
 def append_jsonl(run: Run, row: dict) -> None:
     """<run_dir>/metrics.jsonl on rank 0: the logged scalars, readable without MLflow."""
     if run.is_main:
@@ -59,3 +82,134 @@ def progress(run: Run, total: int, initial: int):
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, disable=not run.is_main, dynamic_ncols=True, desc=run.stage,
                 unit="step", mininterval=2.0)
+
+
+# ----------------------------------------------------------------------------- stopping
+
+class StopFlag:
+    """Asks the loop to save a checkpoint and return after the current optimizer step. ``request`` may be
+    called from another thread or a signal handler (it takes no lock the loop could hold); the first reason
+    given is kept."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason: Optional[str] = None
+
+    def request(self, reason: str = "requested") -> None:
+        if self.reason is None:
+            self.reason = reason
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+
+def _agreed_stop(stop: Optional[StopFlag]) -> Optional[str]:
+    """The stop reason if any rank's flag is set (collective when a process group is up: every rank must
+    stop at the same step, since the save that follows is collective), else None."""
+    if stop is None:
+        return None
+    anyone = dist_utils.reduce_scalars({"stop": float(stop.is_set())}, "max")["stop"] > 0
+    if not anyone:
+        return None
+    return stop.reason or "stop requested on another rank"
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _nothing(batch: dict) -> None:
+    return None
+
+
+def _same(values: dict[str, float]) -> dict[str, float]:
+    return values
+
+
+@dataclass
+class StageHooks:
+    """What a stage plugs into :func:`train`."""
+    step_fn: StepFn                                   # (batch, step, generator) -> (loss, scalars)
+    next_batch: Callable[[int, int], dict]            # (step, micro index) -> the next batch, on the CPU
+    save: Callable[[int], str]                        # (step) -> checkpoint tag
+    skipped: Callable[[], dict[str, int]]             # loader skip counters by reason
+    on_batch: Callable[[dict], None] = _nothing       # each CPU batch, before the step (fine-tuning's pool)
+    validate: Optional[Callable[[int], object]] = None   # (step); every train.val_every steps
+    summarise: Callable[[dict], dict] = _same         # window means -> the values logged
+
+
+@dataclass
+class LoopResult:
+    step: int                                         # optimizer steps done
+    stopped: Optional[str] = None                     # the stop reason; None when every step ran
+    last_logged: dict[str, float] = field(default_factory=dict)
+
+
+def optimizer_step(run: Run, engine, hooks: StageHooks, step: int) -> tuple[dict[str, float], int]:
+    """``train.grad_accum`` micro-steps; returns the scalars averaged over them and the samples seen.
+    Micro-batch ``i`` draws from ``step_generator(..., salt=i)``: salt 0 is the generator of an unsalted
+    step, so runs at grad_accum 1 (and their resumes) are unchanged."""
+    cfg = run.cfg
+    rows, samples = [], 0
+    for micro in range(cfg.train.grad_accum):
+        batch = hooks.next_batch(step, micro)
+        hooks.on_batch(batch)
+        batch = to_device(batch, run.device)
+        loss, scalars = hooks.step_fn(batch, step, T.step_generator(cfg, step, run.rank, salt=micro))
+        engine.backward(loss)
+        engine.step()
+        rows.append(scalars)
+        samples += batch["input_ids"].shape[0]
+    return mean_scalars(rows), samples
+
+
+def log_window(run: Run, tracker, window: MetricWindow, hooks: StageHooks, bar,
+               step: int) -> dict[str, float]:
+    values = hooks.summarise(window.flush(hooks.skipped()))
+    finite_or_raise({k: v for k, v in values.items() if k != "grad_norm"}, step)
+    tracker.log_metrics(values, step)
+    append_jsonl(run, {"step": step, **values})
+    bar.set_postfix(loss=f"{values['loss']:.4f}", samples_per_s=f"{values['samples_per_s']:.1f}")
+    return values
+
+
+def _due(every: int, step: int) -> bool:
+    return bool(every) and step % every == 0
+
+
+def train(run: Run, engine, hooks: StageHooks, tracker, start_step: int,
+          stop: Optional[StopFlag] = None) -> LoopResult:
+    """Optimizer steps from ``start_step`` to ``train.steps``: logging every ``train.log_every`` steps (and at
+    the last), validation every ``train.val_every`` and a checkpoint every ``checkpoint.every`` (both not at
+    the last step: the stage's finish does those). After each step before the last, a set ``stop`` flag
+    saves a checkpoint and returns early."""
+    cfg = run.cfg
+    total = cfg.train.steps
+    window, bar = MetricWindow(), progress(run, total, start_step)
+    result = LoopResult(step=start_step)
+    engine.train()
+    try:
+        while result.step < total:
+            scalars, samples = optimizer_step(run, engine, hooks, result.step)
+            step = result.step = result.step + 1
+            scalars.update(lr=T.current_lr(engine), grad_norm=T.grad_norm(engine))
+            window.add(scalars, samples)
+            if _due(cfg.train.log_every, step) or step == total:
+                result.last_logged = log_window(run, tracker, window, hooks, bar, step)
+            bar.update(1)
+            if step == total:
+                break
+            if hooks.validate is not None and _due(cfg.train.val_every, step):
+                hooks.validate(step)
+            saved = _due(cfg.checkpoint.every, step)
+            if saved:
+                hooks.save(step)
+            result.stopped = _agreed_stop(stop)
+            if result.stopped is not None:
+                if window.steps:   # the steps since the last log would otherwise never be logged
+                    result.last_logged = log_window(run, tracker, window, hooks, bar, step)
+                if not saved:
+                    hooks.save(step)
+                break
+    finally:
+        bar.close()
+    return result

@@ -11,8 +11,9 @@ from pipeline.train import checkpoint as ckpt, loop, runtime as T
 from pipeline.config import ExperimentConfig, split_path
 from pipeline.errors import UserError
 from pipeline.train.objectives import TASKS, choose_task, itc_loss, itm_loss, mlm_loss, mrfr_loss
-from pipeline.train.build import build_model, ensure_data, ensure_tokenizer, loader_config, to_device
+from pipeline.train.build import build_model, ensure_data, ensure_tokenizer, loader_config
 from pipeline.data.loader import BatchStream
+
 
 def sources(cfg: ExperimentConfig) -> list[tuple[str, float]]:
     if cfg.pretrain.sources:
@@ -26,19 +27,23 @@ def choose_source(weights: list[float], seed: int, step: int, micro: int) -> int
     return rng.choices(range(len(weights)), weights=weights)[0]
 
 
-def run(config_path: Optional[str], overrides: list[str], ds_path: str) -> int:
-    cfg, ds = T.prepare("pretrain", config_path, overrides, ds_path)
+def pretrain(cfg: ExperimentConfig, ds_config: dict,
+             stop: Optional[loop.StopFlag] = None) -> dict[str, float]:
+    """Pretrain under DeepSpeed (``cfg`` and ``ds_config`` from :func:`runtime.prepare`); returns the last
+    logged scalars. A set ``stop`` ends the run early after saving a checkpoint to resume from."""
     t_start = time.perf_counter()
-    run = T.start(cfg, ds, "pretrain")
+    run = T.start(cfg, ds_config, "pretrain")
     ensure_data(cfg, progress=run.is_main)
     srcs = sources(cfg)
     tok_path, tokenizer = ensure_tokenizer(cfg, [s for s, _ in srcs])
     model = build_model(cfg, tokenizer.vocab_size)
     engine = T.create_engine(model, run)
-    PretrainJob(run, engine, tokenizer, tok_path, srcs).train_and_export()
-    if run.is_main:
+    job = PretrainJob(run, engine, tokenizer, tok_path, srcs)
+    result = job.train(stop)
+    job.finish(result.stopped)
+    if run.is_main and result.stopped is None:
         print(f"[pretrain] done in {time.perf_counter() - t_start:.0f} s (process wall time)", flush=True)
-    return 0
+    return result.last_logged
 
 
 class PretrainJob:
@@ -71,67 +76,66 @@ class PretrainJob:
         loss, acc = itc_loss(module, batch)
         return loss, {"itc_acc": acc}
 
-    def train_and_export(self) -> None:
-        cfg, run, engine = self.cfg, self.run, self.engine
-        total, gas = cfg.train.steps, cfg.train.grad_accum
-        ratios = vars(cfg.pretrain.tasks)
-        window = loop.MetricWindow()
-        bar = loop.progress(run, total, self.step)
-        engine.train()
-        while self.step < total:
-            task = choose_task(ratios, cfg.seed, self.step)
-            parts = []
-            for micro in range(gas):
-                src = choose_source(self.weights, cfg.seed, self.step, micro)
-                batch = to_device(next(self.streams[src]), run.device)
-                loss, extra = self.task_loss(task, batch, T.step_generator(cfg, self.step, run.rank, micro))
-                engine.backward(loss)
-                engine.step()
-                parts.append(loss.item())
-            self.step += 1
-            value = sum(parts) / len(parts)
-            # every key on every step (zeros for the other tasks) keeps the cross-rank reduction aligned;
-            # per-task means are recovered from the *_steps counters
-            scalars = {"loss": value, "lr": T.current_lr(engine), "grad_norm": T.grad_norm(engine)}
-            for t in TASKS:
-                scalars[f"{t}_loss_sum"] = value if t == task else 0.0
-                scalars[f"{t}_steps"] = 1.0 if t == task else 0.0
-            scalars["itm_acc_sum"] = extra.get("itm_acc", 0.0)
-            scalars["itc_acc_sum"] = extra.get("itc_acc", 0.0)
-            window.add(scalars, batch["input_ids"].shape[0] * gas)
-            if self.step % cfg.train.log_every == 0 or self.step == total:
-                self.log_window(window, bar)
-            bar.update(1)
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < total:
-                self.save()
-        bar.close()
-        tag = self.save()
-        if cfg.checkpoint.export:
-            out = ckpt.export_pretrained(engine, run, tag, run.run_dir / "model", self.tok_path)
-            if out is not None:
-                print(f"[pretrain] consolidated fp32 model: {out}", flush=True)
-                self.tracker.log_artifact(out, "model")
-        self.tracker.close("FINISHED")
-        dist_utils.barrier()
+    def step_fn(self, batch: dict, step: int, generator) -> tuple:
+        """One micro-step of the step's task. Every key on every step (zeros for the other tasks) keeps the
+        cross-rank reduction aligned; per-task means are recovered from the *_steps counters."""
+        task = choose_task(vars(self.cfg.pretrain.tasks), self.cfg.seed, step)
+        loss, extra = self.task_loss(task, batch, generator)
+        value = loss.item()
+        scalars = {"loss": value}
+        for t in TASKS:
+            scalars[f"{t}_loss_sum"] = value if t == task else 0.0
+            scalars[f"{t}_steps"] = 1.0 if t == task else 0.0
+        scalars["itm_acc_sum"] = extra.get("itm_acc", 0.0)
+        scalars["itc_acc_sum"] = extra.get("itc_acc", 0.0)
+        return loss, scalars
 
-    def log_window(self, window: loop.MetricWindow, bar) -> None:
-        skipped: dict[str, int] = {}
+    def next_batch(self, step: int, micro: int) -> dict:
+        return next(self.streams[choose_source(self.weights, self.cfg.seed, step, micro)])
+
+    def skipped(self) -> dict[str, int]:
+        total: dict[str, int] = {}
         for s in self.streams:
             for k, v in s.skipped.items():
-                skipped[k] = skipped.get(k, 0) + v
-        raw = window.flush(skipped)
-        values = {k: v for k, v in raw.items() if not k.endswith(("_sum", "_steps"))}
-        for t in TASKS:
-            if raw.get(f"{t}_steps", 0) > 0:
-                values[f"{t}_loss"] = raw[f"{t}_loss_sum"] / raw[f"{t}_steps"]
-        for t in ("itm", "itc"):
-            if raw.get(f"{t}_steps", 0) > 0:
-                values[f"{t}_acc"] = raw[f"{t}_acc_sum"] / raw[f"{t}_steps"]
-        loop.finite_or_raise({k: v for k, v in values.items() if k != "grad_norm"}, self.step)
-        self.tracker.log_metrics(values, self.step)
-        loop.append_jsonl(self.run, {"step": self.step, **values})
-        bar.set_postfix(loss=f"{values['loss']:.4f}", samples_per_s=f"{values['samples_per_s']:.1f}")
+                total[k] = total.get(k, 0) + v
+        return total
 
-    def save(self) -> str:
-        return ckpt.save_checkpoint(self.engine, self.run, self.step, [s.state() for s in self.streams],
-                                 self.tracker.run_id if self.run.is_main else None)
+    def hooks(self) -> loop.StageHooks:
+        return loop.StageHooks(step_fn=self.step_fn, next_batch=self.next_batch, save=self.save,
+                               skipped=self.skipped, summarise=task_means)
+
+    def train(self, stop: Optional[loop.StopFlag] = None) -> loop.LoopResult:
+        result = loop.train(self.run, self.engine, self.hooks(), self.tracker, self.step, stop)
+        self.step = result.step
+        return result
+
+    def finish(self, stopped: Optional[str]) -> None:
+        """Final save and export; after a stop only the tracker is closed (the loop saved)."""
+        if stopped is None:
+            tag = self.save(self.step)
+            if self.cfg.checkpoint.export:
+                out = ckpt.export_pretrained(self.engine, self.run, tag, self.run.run_dir / "model",
+                                             self.tok_path)
+                if out is not None:
+                    print(f"[pretrain] consolidated fp32 model: {out}", flush=True)
+                    self.tracker.log_artifact(out, "model")
+        elif self.run.is_main:
+            print(f"[pretrain] stopped after step {self.step} ({stopped}); resume with --resume", flush=True)
+        self.tracker.close("FINISHED" if stopped is None else "KILLED")
+        dist_utils.barrier()
+
+    def save(self, step: int) -> str:
+        return ckpt.save_checkpoint(self.engine, self.run, step, [s.state() for s in self.streams],
+                                    self.tracker.run_id if self.run.is_main else None)
+
+
+def task_means(raw: dict[str, float]) -> dict[str, float]:
+    """Window means -> logged values: per-task losses and accuracies from the *_sum / *_steps counters."""
+    values = {k: v for k, v in raw.items() if not k.endswith(("_sum", "_steps"))}
+    for t in TASKS:
+        if raw.get(f"{t}_steps", 0) > 0:
+            values[f"{t}_loss"] = raw[f"{t}_loss_sum"] / raw[f"{t}_steps"]
+    for t in ("itm", "itc"):
+        if raw.get(f"{t}_steps", 0) > 0:
+            values[f"{t}_acc"] = raw[f"{t}_acc_sum"] / raw[f"{t}_steps"]
+    return values

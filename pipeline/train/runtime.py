@@ -19,8 +19,6 @@ from pipeline.config import (ExperimentConfig, read_ds_config, resolve_ds_config
 from pipeline.errors import UserError
 
 
-
-
 @dataclass
 class Run:
     """Everything a stage needs after start-up."""
@@ -47,7 +45,8 @@ def accelerator_name() -> str:
     return get_accelerator().device_name()
 
 
-def prepare(stage: str, config_path: Optional[str], overrides: list[str], ds_path: str) -> tuple[ExperimentConfig, dict]:
+def prepare(stage: str, config_path: Optional[str], overrides: list[str],
+            ds_path: str) -> tuple[ExperimentConfig, dict]:
     """Everything that can fail on user input, before any process-group work."""
     cfg = load_config(config_path, overrides)
     validate_model_config(cfg)
@@ -71,44 +70,30 @@ def model_overrides(cfg: ExperimentConfig) -> dict:
 
 
 def validate_model_config(cfg: ExperimentConfig) -> None:
-    from models import ConfigError, ModelConfig
-    from models.registry import merge, preset_config
-    try:
-        base = _base_model_config(cfg.model.preset, preset_config)
-        ModelConfig.from_dict(merge(base, model_overrides(cfg)))
-    except ConfigError as exc:
-        raise UserError(f"model config (preset {cfg.model.preset!r} + model.overrides): {exc}") from None
-    except TypeError as exc:
-        raise UserError(f"model.overrides: {exc}") from None
+    """The model config resolves exactly as build_model will resolve it, and finetune.iais.layers exist in it."""
+    from pipeline.train.build import model_config
+    num_layers = model_config(cfg).num_layers
+    bad = [layer for layer in cfg.finetune.iais.layers if not -num_layers <= layer < num_layers]
+    if bad:
+        raise UserError(f"config 'finetune.iais.layers' = {cfg.finetune.iais.layers}: {bad} outside the model's "
+                        f"layers -{num_layers}..{num_layers - 1}; use indices within them (-1: the last)")
 
 
-def _base_model_config(preset: str, preset_config) -> dict:
-    path = Path(preset)
-    if path.suffix == ".json" or path.is_dir():
-        file = path / "config.json" if path.is_dir() else path
-        if not file.is_file():
-            raise UserError(f"config 'model.preset' = {preset}: no such model config file")
-        return json.loads(file.read_text())
-    return preset_config(preset)
-
-
-def start(cfg: ExperimentConfig, ds: dict, stage: str) -> Run:
-    """Threads, process group, device, seeds. Call after :func:`prepare` succeeded."""
-    import deepspeed
+def start(cfg: ExperimentConfig, ds: dict, stage: str, timeout_s: Optional[float] = None) -> Run:
+    """Threads, process group, device, seeds. Call after :func:`prepare` succeeded. ``timeout_s``: the
+    collective timeout (default: ``train.collective_timeout_s``, else DeepSpeed's)."""
     from deepspeed.accelerator import get_accelerator
 
-    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")) or 1)
-    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, local_size))
-    torch.set_num_threads(threads)
+    info = dist_utils.discover(os.environ)
+    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // info.local_world_size))
     acc = get_accelerator()
     _skip_shm_comm_op(acc)
-    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), verbose=False)
-    local = dist_utils.local_rank()
+    info = init_distributed(info, acc.communication_backend_name(), timeout_s or _collective_timeout_s(cfg))
     if acc.device_name() == "cpu":
         device = torch.device("cpu")
     else:
-        acc.set_device(local)
-        device = torch.device(acc.device_name(local))
+        acc.set_device(info.local_rank)
+        device = torch.device(acc.device_name(info.local_rank))
     run = Run(cfg=cfg, ds_config=ds, stage=stage, run_dir=resolve_path(cfg.run_dir), device=device,
               rank=dist_utils.rank(), world_size=dist_utils.world_size())
     if run.is_main:
@@ -117,6 +102,21 @@ def start(cfg: ExperimentConfig, ds: dict, stage: str) -> Run:
         (run.run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
     seed_everything(cfg.seed + run.rank)
     return run
+
+
+def init_distributed(info: dist_utils.ProcessInfo, backend: str, timeout_s: float) -> dist_utils.ProcessInfo:
+    """The process group of ``info`` through DeepSpeed, from the environment we export (never mpi4py)."""
+    from datetime import timedelta
+    import deepspeed
+    info = dist_utils.export_env(info)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(seconds=timeout_s), rank=info.rank,
+                               world_size=info.world_size)
+    return info
+
+
+def _collective_timeout_s(cfg: ExperimentConfig) -> float:
+    return cfg.train.collective_timeout_s or dist_utils.default_timeout_s()
 
 
 _T0 = time.perf_counter()
@@ -239,5 +239,3 @@ def run_info(run: Run) -> dict[str, Any]:
     hosts = dist_utils.hostnames()
     return {"world_size": run.world_size, "node_count": dist_utils.node_count(),
             "hostnames": ",".join(sorted(set(hosts)))}
-
-
