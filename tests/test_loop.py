@@ -245,3 +245,14 @@ def test_pretrain_job_trains_through_the_loop_and_averages_task_scalars(tmp_path
         assert row["itm_loss"] == row["loss"] and row["itm_acc"] == pytest.approx(row["loss"] / 10)
         assert not any(k.endswith(("_sum", "_steps")) for k in row)
     assert len(set(generators)) == 4
+
+
+def test_progress_prints_plain_lines_when_not_a_terminal(capsys):
+    bar = loop.LineProgress("finetune", total=10, initial=2, enabled=True)
+    bar.update(1)
+    bar.set_postfix(loss="0.5000", samples_per_s="12.0")
+    silent = loop.LineProgress("finetune", total=10, initial=0, enabled=False)
+    silent.set_postfix(loss="1.0")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("[finetune] step 3/10 loss=0.5000 samples_per_s=12.0 ")
+    assert "\r" not in lines[0]

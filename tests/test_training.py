@@ -96,7 +96,9 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 @pytest.mark.slow
 def test_finetune_zero2_two_ranks_logs_to_mlflow(tiny_data, mlflow_server, tmp_path):
     run_dir = tmp_path / "ft_zero2"
-    launch("finetune", "zero2", common_sets(tiny_data, run_dir, mlflow_server) + ["train.val_every=2"])
+    out = launch("finetune", "zero2", common_sets(tiny_data, run_dir, mlflow_server) + ["train.val_every=2"])
+    # the output is not a terminal: one plain progress line per logging window, no bar redraws
+    assert "[finetune] step 4/4 loss=" in out and "step/s]" not in out
     client, run = mlflow_run(mlflow_server, run_dir)
     assert run.info.status == "FINISHED"
     m = run.data.metrics

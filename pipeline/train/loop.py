@@ -78,7 +78,33 @@ def finite_or_raise(values: dict[str, float], step: int) -> None:
         raise RuntimeError(f"step {step}: non-finite {bad}; lower the learning rate or check the data")
 
 
+class LineProgress:
+    """The progress bar's interface for logs that are not a terminal (Slurm, CI, files): one plain line per
+    logging window (``set_postfix``) instead of thousands of carriage-return redraws."""
+
+    def __init__(self, stage: str, total: int, initial: int, enabled: bool) -> None:
+        self.stage, self.total, self.n, self.enabled = stage, total, initial, enabled
+        self.t0, self.start = time.perf_counter(), initial
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, **values: str) -> None:
+        if not self.enabled:
+            return
+        rate = (self.n - self.start) / max(time.perf_counter() - self.t0, 1e-9)
+        shown = " ".join(f"{k}={v}" for k, v in values.items())
+        print(f"[{self.stage}] step {self.n}/{self.total} {shown} steps_per_s={rate:.2f}", flush=True)
+
+    def close(self) -> None:
+        return None
+
+
 def progress(run: Run, total: int, initial: int):
+    """A tqdm bar on a terminal, plain lines otherwise (rank 0 only either way)."""
+    import sys
+    if not sys.stderr.isatty():
+        return LineProgress(run.stage, total, initial, enabled=run.is_main)
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, disable=not run.is_main, dynamic_ncols=True, desc=run.stage,
                 unit="step", mininterval=2.0)
@@ -193,9 +219,9 @@ def train(run: Run, engine, hooks: StageHooks, tracker, start_step: int,
             step = result.step = result.step + 1
             scalars.update(lr=T.current_lr(engine), grad_norm=T.grad_norm(engine))
             window.add(scalars, samples)
+            bar.update(1)
             if _due(cfg.train.log_every, step) or step == total:
                 result.last_logged = log_window(run, tracker, window, hooks, bar, step)
-            bar.update(1)
             if step == total:
                 break
             if hooks.validate is not None and _due(cfg.train.val_every, step):
