@@ -182,6 +182,12 @@ class RetrievalModel(nn.Module):
         (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         save_model(self, str(directory / WEIGHTS_NAME))
 
+    @staticmethod
+    def is_pretrained_dir(directory: str | Path) -> bool:
+        """Whether ``directory`` holds what :meth:`save_pretrained` writes."""
+        directory = Path(directory)
+        return (directory / CONFIG_NAME).is_file() and (directory / WEIGHTS_NAME).is_file()
+
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "RetrievalModel":
         """Rebuilds from config.json (backbone_file is not read: all weights come from the safetensors)."""

@@ -9,14 +9,13 @@ from typing import Optional
 from pipeline.errors import UserError
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "launch" / "configs" / "demo_tiny.yaml"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.txt")
 
 
 def load_model(path: str, model_config: Optional[str] = None, tag: Optional[str] = None):
     """RetrievalModel from a save_pretrained directory or a DeepSpeed checkpoint directory (fp32)."""
     from models import RetrievalModel
     model_dir = Path(path)
-    if (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file():
+    if RetrievalModel.is_pretrained_dir(model_dir):
         return RetrievalModel.from_pretrained(model_dir)
     if not (model_dir / "latest").is_file() and tag is None:
         raise UserError(f"--model {path}: neither a save_pretrained directory (config.json + "
@@ -54,12 +53,13 @@ def model_config_file(model_dir: Path, given: Optional[str]) -> Path:
 def find_tokenizer(model_path: str, given: Optional[str], demo_cfg=None):
     """``given``, else the tokenizer beside the model (or in the run's model/), else the demo's."""
     from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.train import build
     if given:
         if not Path(given).is_file():
             raise UserError(f"--tokenizer {given}: no such file")
         return load_tokenizer(given)
     for base in (Path(model_path), Path(model_path).parent / "model"):
-        for name in TOKENIZER_FILES:
+        for name in build.TOKENIZER_FILES:
             if (base / name).is_file():
                 return load_tokenizer(base / name)
     demo = _demo_tokenizer(demo_cfg) if demo_cfg is not None else None

@@ -11,6 +11,8 @@ import torch
 from pipeline.config import DEFAULT_CACHE, ExperimentConfig, data_root, resolve_path
 from pipeline.errors import UserError
 
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.txt")   # beside a save_pretrained model (export writes them)
+
 
 def ensure_data(cfg: ExperimentConfig, progress: bool) -> None:
     """Build the synthetic dataset when the config asks for it (locked: ranks may race)."""
@@ -26,7 +28,7 @@ def tokenizer_path(cfg: ExperimentConfig, stage_sources: list[str]) -> Path:
         return resolve_path(cfg.data.tokenizer)
     if cfg.model.init:
         init = resolve_path(cfg.model.init)
-        for name in ("tokenizer.model", "tokenizer.txt"):
+        for name in TOKENIZER_FILES:
             if (init / name).is_file():
                 return init / name
     key = hashlib.sha1(("|".join(str(resolve_path(s)) for s in stage_sources) + f"|{cfg.data.vocab_size}")
@@ -47,13 +49,21 @@ def ensure_tokenizer(cfg: ExperimentConfig, stage_sources: list[str]):
     return path, load_tokenizer(path)
 
 
+def model_overrides(cfg: ExperimentConfig) -> dict:
+    """ModelConfig overrides implied by the data section (text length, image size/mode) + model.overrides."""
+    from models.registry import merge
+    implied = {"max_text_len": cfg.data.max_text_len, "image": {"image_size": cfg.data.image_size}}
+    if cfg.data.image_mode != "patch":
+        implied["image"]["mode"] = cfg.data.image_mode
+    return merge(implied, cfg.model.overrides)
+
+
 def model_config(cfg: ExperimentConfig, vocab_size: int | None = None):
     """The ModelConfig a run builds: ``model.preset`` (a preset name, a config .json, or a save_pretrained
     directory's config.json) + the data section's implied fields + ``model.overrides`` (+ ``vocab_size``).
     The one resolver of start-up validation and :func:`build_model`, so whatever validates builds."""
     from models import ConfigError
     from models.registry import resolve_config
-    from pipeline.train.runtime import model_overrides
     overrides = model_overrides(cfg)
     if vocab_size is not None:
         overrides = {**overrides, "vocab_size": vocab_size}
@@ -85,7 +95,7 @@ def build_model(cfg: ExperimentConfig, vocab_size: int):
     """A fresh model from preset + overrides, or the weights of ``model.init``."""
     from models import RetrievalModel
     init = resolve_path(cfg.model.init) if cfg.model.init else None
-    if init is not None and (init / "config.json").is_file() and (init / "model.safetensors").is_file():
+    if init is not None and RetrievalModel.is_pretrained_dir(init):
         model = RetrievalModel.from_pretrained(init)
     else:
         model = RetrievalModel(model_config(cfg, vocab_size))

@@ -77,10 +77,9 @@ class FinetuneJob:
             pool.add(batch)
         return pool
 
-    def eval_split(self, split: str):
-        """An EvalData of ``split`` (train/val/test, or a shards path)."""
+    def eval_split(self, path: str):
+        """An EvalData of the shards at ``path``."""
         from pipeline.data.eval_split import load_eval_split
-        path = split_path(self.cfg, split) if split in ("train", "val", "test") else split
         lcfg = loader_config(self.cfg, path, self.engine.module, 1)
         return load_eval_split(path, self.tokenizer, lcfg)
 
@@ -104,7 +103,8 @@ class FinetuneJob:
     def validate(self, step: int, final_tag: Optional[str] = None) -> dict:
         if self._val_split is None:
             ev = self.cfg.eval
-            self._val_split = self.eval_split("val").subset(ev.val_max_images, ev.val_captions_per_image)
+            val = self.eval_split(split_path(self.cfg, "val"))
+            self._val_split = val.subset(ev.val_max_images, ev.val_captions_per_image)
         pictures = self.run.run_dir / "pictures" / f"val_step{step:07d}"
         metrics = evaluate_split(self.engine.module, self._val_split, self.cfg.eval, pictures)
         if self.run.is_main and pictures.is_dir():
@@ -146,7 +146,7 @@ class FinetuneJob:
         """Test split (+ Winoground on the relations split) with the weights of checkpoint ``best``."""
         cfg, run = self.cfg, self.run
         pictures = run.run_dir / "pictures" / "test"
-        metrics = evaluate_split(self.engine.module, self.eval_split("test"), cfg.eval, pictures)
+        metrics = evaluate_split(self.engine.module, self.eval_split(split_path(cfg, "test")), cfg.eval, pictures)
         relations = relations_split(cfg)
         if relations is not None and cfg.eval.winoground:
             metrics.update(winoground_on_split(self.engine.module, self.eval_split(relations), cfg.eval))

@@ -13,8 +13,9 @@ import torch
 
 from models.iais import iais_loss
 from pipeline.config import ExperimentConfig
-from pipeline.train.negatives import (CandidatePool, index_tokens, margin_rank_loss, pad_cat, score_grid, text_rows,
-                                      iais_schedule, IMAGE_KEYS, TEXT_KEYS)
+from pipeline.train.build import to_device
+from pipeline.train.negatives import (CandidatePool, index_tokens, margin_rank_loss, pad_cat, pad_value, score_grid,
+                                      text_rows, iais_schedule, IMAGE_KEYS, TEXT_KEYS)
 from pipeline.errors import UserError
 from pipeline.train.objectives import itc_loss
 
@@ -26,10 +27,6 @@ def _first_valid(valid: torch.Tensor, n: int) -> torch.Tensor:
         raise UserError("the current micro-batch holds too few other images for the random-negative phase: "
                         "raise train.micro_batch_size or lower finetune.hard_size")
     return order
-
-
-def _to(d: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in d.items()}
 
 
 class FinetuneStep:
@@ -99,7 +96,7 @@ class FinetuneStep:
     def _hard_images(self, texts: dict, anchor_ids: torch.Tensor, generator) -> torch.Tensor:
         module = self.module
         unique, cols = self._draw(anchor_ids, generator)
-        tokens = module.encode_image(_to(self.pool.images(unique), self.device))
+        tokens = module.encode_image(to_device(self.pool.images(unique), self.device))
         self.counts["images_encoded"] += len(unique)
         cols = self._shortlist(lambda: module.embed_text(texts) @ module.embed_image({}, image_tokens=tokens).T,
                                cols)
@@ -110,7 +107,7 @@ class FinetuneStep:
     def _hard_texts(self, images: dict, anchor_ids: torch.Tensor, generator) -> torch.Tensor:
         module = self.module
         unique, cols = self._draw(anchor_ids, generator)
-        cand_texts = _to(self.pool.texts(unique), self.device)
+        cand_texts = to_device(self.pool.texts(unique), self.device)
         tokens = module.encode_image(images)
         self.counts["images_encoded"] += cols.shape[0]
         cols = self._shortlist(lambda: module.embed_image({}, image_tokens=tokens) @ module.embed_text(cand_texts).T,
@@ -145,10 +142,10 @@ class FinetuneStep:
         images = {key: pad_cat([batch[key].cpu(), v]) for key, v in
                   self.pool.images(hard_img.reshape(-1)).items()} if n_img else \
             {key: batch[key] for key in IMAGE_KEYS if key in batch}
-        texts = {key: pad_cat([batch[key].cpu(), v], -1 if key in ("word_index", "word_to_region") else 0)
+        texts = {key: pad_cat([batch[key].cpu(), v], pad_value(key))
                  for key, v in self.pool.texts(hard_txt.reshape(-1)).items()} if n_txt else \
             {key: batch[key] for key in TEXT_KEYS if key in batch}
-        images, texts = _to(images, self.device), _to(texts, self.device)
+        images, texts = to_device(images, self.device), to_device(texts, self.device)
         ar = torch.arange(b)
         text_idx = torch.cat([ar, ar.repeat_interleave(n_img), b + torch.arange(b * n_txt)])
         image_idx = torch.cat([ar, b + torch.arange(b * n_img), ar.repeat_interleave(n_txt)])

@@ -40,7 +40,8 @@ def pad_cat(tensors: list[torch.Tensor], value=0) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _pad_value(key: str):
+def pad_value(key: str):
+    """The padding of a padded key: -1 for word indices / word->region (no word), else 0."""
     return -1 if key in ("word_index", "word_to_region") else 0
 
 
@@ -129,7 +130,7 @@ class CandidatePool:
             if _padded(key):
                 shape[1] = max(shape[1], _max_width(key, self.widths) or 0)
                 self._slot_widths[key] = [0] * self.capacity_batches
-            self._store[key] = torch.full(shape, _pad_value(key), dtype=value.dtype)
+            self._store[key] = torch.full(shape, pad_value(key), dtype=value.dtype)
 
     def _check_fits(self, tensors: dict[str, torch.Tensor]) -> None:
         if set(tensors) != set(self._store):
@@ -151,12 +152,12 @@ class CandidatePool:
         if width > store.shape[1]:
             store = self._grow(key, width)
         store[rows, :width].copy_(value)
-        store[rows, width:].fill_(_pad_value(key))
+        store[rows, width:].fill_(pad_value(key))
 
     def _grow(self, key: str, width: int) -> torch.Tensor:
         """Reallocate ``key`` wider (only where its maximum width was not given or a batch exceeds it)."""
         old = self._store[key]
-        new = torch.full((old.shape[0], width, *old.shape[2:]), _pad_value(key), dtype=old.dtype)
+        new = torch.full((old.shape[0], width, *old.shape[2:]), pad_value(key), dtype=old.dtype)
         new[:, :old.shape[1]] = old
         self._store[key] = new
         return new

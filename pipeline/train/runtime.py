@@ -60,15 +60,6 @@ def prepare(stage: str, config_path: Optional[str], overrides: list[str],
     return cfg, ds
 
 
-def model_overrides(cfg: ExperimentConfig) -> dict:
-    """ModelConfig overrides implied by the data section (text length, image size/mode) + model.overrides."""
-    from models.registry import merge
-    implied = {"max_text_len": cfg.data.max_text_len, "image": {"image_size": cfg.data.image_size}}
-    if cfg.data.image_mode != "patch":
-        implied["image"]["mode"] = cfg.data.image_mode
-    return merge(implied, cfg.model.overrides)
-
-
 def validate_model_config(cfg: ExperimentConfig) -> None:
     """The model config resolves exactly as build_model will resolve it, and finetune.iais.layers exist in it."""
     from pipeline.train.build import model_config
