@@ -1,4 +1,5 @@
-"""Output heads: pooler, ITM / rank, MLM (decoder tied to the word embeddings), MRFR, ITC projections."""
+"""Output heads: pooler, ITM / rank, MLM (decoder tied to the word embeddings), MRFR, grounding, ITC
+projections."""
 from __future__ import annotations
 
 import math
@@ -49,6 +50,19 @@ class MrfrHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.out(self.norm(F.gelu(self.dense(hidden))))
+
+
+class GroundingHead(nn.Module):
+    """Supervised grounding: a word's output token -> the normalised (x, y) centre of the object it names."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=LN_EPS)
+        self.out = nn.Linear(cfg.hidden_size, 2)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.out(self.norm(F.gelu(self.dense(hidden)))))
 
 
 class ItcHead(nn.Module):

@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .embeddings import ImageEmbeddings, TextEmbeddings
-from .heads import ItcHead, MlmHead, MrfrHead, Pooler
+from .heads import GroundingHead, ItcHead, MlmHead, MrfrHead, Pooler
 from .image_encoder import ImageEncoder, ImageTokens
 from .transformer import Encoder
 
@@ -56,6 +56,7 @@ class RetrievalModel(nn.Module):
         self.rank_head = nn.Linear(config.hidden_size, 1)
         self.mlm_head = MlmHead(config, self.embeddings.word_embeddings)
         self.mrfr_head = MrfrHead(config, self.image_encoder.feat_dim)
+        self.grounding_head = GroundingHead(config)
         self.itc = ItcHead(config)
         for name, module in self.named_children():
             if name != "image_encoder":  # timm keeps its own initialisation
@@ -148,6 +149,10 @@ class RetrievalModel(nn.Module):
         (image token m sits at sequence position text_len + m)."""
         hidden = out.sequence[:, out.text_len:out.text_len + region_positions.shape[1]][region_positions.bool()]
         return self.mrfr_head(hidden)
+
+    def grounding_predictions(self, sequence: torch.Tensor, word_positions: torch.Tensor) -> torch.Tensor:
+        """Predicted normalised object centres [K, 2] of the K text tokens where word_positions [B, T] is True."""
+        return self.grounding_head(sequence[:, :word_positions.shape[1]][word_positions.bool()])
 
     def embed_text(self, batch: Batch) -> torch.Tensor:
         """L2-normalised ITC embedding [B, itc_dim] from [CLS] of a text-only pass."""

@@ -108,15 +108,15 @@ def map_uniter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_uniter_checkpoint(path_or_state_dict, img_dim: int = 2048) -> RetrievalModel:
     """Features-mode RetrievalModel with the UNITER weights.
 
-    Without rank_output the rank head starts from the ITM match row; the ITC projections (and the MLM head,
-    for fine-tuned checkpoints that have none) stay freshly initialised.
+    Without rank_output the rank head starts from the ITM match row; the ITC projections, the grounding head
+    (UNITER has none) and the MLM head (for fine-tuned checkpoints that have none) stay freshly initialised.
     """
     state = _normalise_keys(_read(path_or_state_dict))
     model = RetrievalModel(uniter_config(state, img_dim))
     mapped = map_uniter_state(state)
     result = model.load_state_dict(mapped, strict=False)
-    backbone_keys = [k for k in result.missing_keys
-                     if not k.startswith(("itc.", "mlm_head.", "mrfr_head.", "itm_head.", "rank_head."))
+    fresh = ("itc.", "mlm_head.", "mrfr_head.", "itm_head.", "rank_head.", "grounding_head.")
+    backbone_keys = [k for k in result.missing_keys if not k.startswith(fresh)
                      and k != "img_embeddings.mask_feature"]
     if backbone_keys:
         raise ConfigError(f"UNITER checkpoint lacks {len(backbone_keys)} weight(s), e.g. {backbone_keys[:3]}")

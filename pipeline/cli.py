@@ -103,6 +103,9 @@ def run(stage: str, config_path: str, overrides: list[str], ds_path: str) -> int
     cfg, ds = prepare(stage, config_path, overrides, ds_path)
     if stage == "finetune":
         from pipeline.train.finetune import finetune as train_stage
+        if cfg.model.pretrain_config:
+            from pipeline.train.stages import ensure_pretrained
+            ensure_pretrained(cfg, ds_path)
     else:
         from pipeline.train.pretrain import pretrain as train_stage
     train_stage(cfg, ds)

@@ -189,6 +189,10 @@ class ModelConfigRef:
     preset: str = "tiny"                  # models/presets/<preset>.json, or a path to a model config.json
     overrides: dict = field(default_factory=dict)   # ModelConfig fields, passed to models.create_model
     init: Optional[str] = None            # save_pretrained dir, DeepSpeed checkpoint dir or UNITER .pt
+    # a pretraining experiment YAML whose exported model initialises this run: pretrained on first use (its
+    # run_dir/model, which start-up writes into init), reused while its config is unchanged. Exclusive with init.
+    # Relative in a YAML file: beside that file.
+    pretrain_config: Optional[str] = None
 
 
 @dataclass
@@ -245,6 +249,9 @@ class FinetuneConfig:
     itc_weight: float = 0.0               # + w * in-batch ITC loss: keeps the dual-encoder shortlist of two-stage
                                           # retrieval (and itc_preselect) trained while the cross-encoder is tuned
     init_rank_from_itm: bool = True
+    swap_negatives: bool = False          # relation- and attribute-swapped captions (made from the word->object
+                                          # annotations) as hard negatives of their image
+    grounding_weight: float = 0.0         # + w * the grounding loss of pretraining, on the positive pairs
     iais: IaisConfig = field(default_factory=IaisConfig)
 
 
@@ -254,6 +261,8 @@ class PretrainTasks:
     itm: float = 1.0
     itc: float = 1.0
     mrfr: float = 0.0                     # region modes only
+    wra: float = 0.0                      # word-region alignment (UNITER's optimal transport, IPOT)
+    grounding: float = 0.0                # annotated words predict their object's box centre (needs word_objects)
 
 
 @dataclass
@@ -261,6 +270,11 @@ class PretrainConfig:
     tasks: PretrainTasks = field(default_factory=PretrainTasks)
     mlm_prob: float = 0.15
     mrfr_prob: float = 0.15               # share of regions masked for MRFR
+    swap_negatives: bool = False          # ITM: half the negatives become the caption's relation/attribute swap
+                                          # with its own image (where the annotations can make one)
+    # sample: one task per step drawn by the ratios (UNITER); sum: every task with a ratio on every step, the
+    # losses weighted by the ratios (more signal per step for small models that must learn several skills)
+    task_mix: Literal["sample", "sum"] = "sample"
     sources: list[SourceConfig] = field(default_factory=list)   # empty: data.train with weight 1
 
 
@@ -402,7 +416,7 @@ def _convert(value: Any, tp, where: str):
             raise UserError(f"config '{where}' = {value!r} has the wrong type: expected a list")
         (item_tp,) = typing.get_args(tp) or (Any,)
         return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is dict:
+    if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"config '{where}' = {value!r} has the wrong type: expected a mapping")
         return dict(value)
@@ -513,11 +527,22 @@ def apply_override(raw: dict, assignment: str) -> None:
 def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> ExperimentConfig:
     """Load, override and type-check an experiment config (no file-system checks; see validate_paths)."""
     raw = _read_yaml(Path(path)) if path else {}
+    if path:
+        _anchor_to_file(raw, Path(path))
     for assignment in overrides:
         apply_override(raw, assignment)
     cfg = _build(ExperimentConfig, raw, "")
     _check_values(cfg)
     return cfg
+
+
+def _anchor_to_file(raw: dict, path: Path) -> None:
+    """A relative model.pretrain_config in a YAML file names a file beside that YAML (like an include);
+    given by --set it is relative to the working directory, as every other path."""
+    model = raw.get("model")
+    ref = model.get("pretrain_config") if isinstance(model, dict) else None
+    if isinstance(ref, str) and ref and not Path(os.path.expanduser(ref)).is_absolute():
+        model["pretrain_config"] = str(resolve_path(path).parent / ref)
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -535,6 +560,9 @@ def _check_values(cfg: ExperimentConfig) -> None:
     _check_train(cfg.train)
     _check_finetune(cfg.finetune)
     _check_pretrain(cfg)
+    _need(not (cfg.model.init and cfg.model.pretrain_config),
+          "config 'model.init' and 'model.pretrain_config' are both set: give one (pretrain_config pretrains on "
+          "first use and initialises from its exported model)")
     _at_least(cfg.checkpoint.every, 0, "checkpoint.every", "save every N steps, or 0 for only at the end")
     cfg.tracking.validate()
     _need(cfg.data.synthetic is not None or cfg.data.root is not None or cfg.data.train is not None
@@ -584,6 +612,7 @@ def _check_finetune(ft: FinetuneConfig) -> None:
           f"[finetune.negative_size ({ft.negative_size}), finetune.pool_size ({ft.pool_size}))")
     _at_least(ft.margin, 0, "finetune.margin", "give the hinge margin (0.2 in the paper)")
     _at_least(ft.itc_weight, 0, "finetune.itc_weight", "give a weight, or 0 for no ITC term")
+    _at_least(ft.grounding_weight, 0, "finetune.grounding_weight", "give a weight, or 0 for no grounding term")
     _at_least(ft.iais.weight, 0, "finetune.iais.weight", "give a weight, or 0 (or iais.alignment: none) for no IAIS")
     _need(all(isinstance(x, int) and not isinstance(x, bool) for x in ft.iais.layers),
           f"config 'finetune.iais.layers' = {ft.iais.layers} must be a list of layer indices")
@@ -594,8 +623,9 @@ def _check_pretrain(cfg: ExperimentConfig) -> None:
     _need(0.0 < pt.mrfr_prob < 1.0, f"config 'pretrain.mrfr_prob' = {pt.mrfr_prob} must be in (0, 1)")
     _need(0.0 < pt.mlm_prob < 1.0, f"config 'pretrain.mlm_prob' = {pt.mlm_prob} must be in (0, 1)")
     t = pt.tasks
-    _need(min(t.mlm, t.itm, t.itc, t.mrfr) >= 0 and t.mlm + t.itm + t.itc + t.mrfr > 0,
-          "config 'pretrain.tasks' ratios must be >= 0 and not all 0")
+    ratios = dataclasses.asdict(t)
+    _need(min(ratios.values()) >= 0 and sum(ratios.values()) > 0,
+          f"config 'pretrain.tasks' ratios must be >= 0 and not all 0, got {ratios}")
     _need(t.mrfr == 0 or cfg.data.image_mode != "patch",
           "config 'pretrain.tasks.mrfr' needs regions: set data.image_mode to roi or features, or mrfr to 0")
     for i, s in enumerate(pt.sources):
@@ -672,7 +702,7 @@ def validate_paths(cfg: ExperimentConfig, stage: Literal["pretrain", "finetune"]
         raise UserError(f"config 'data.tokenizer' = {cfg.data.tokenizer}: no such file; give a .model or vocab .txt")
     if cfg.data.relations:
         check_shards_exist(cfg.data.relations, "data.relations")
-    if cfg.model.init and not resolve_path(cfg.model.init).exists():
+    if cfg.model.init and not cfg.model.pretrain_config and not resolve_path(cfg.model.init).exists():
         raise UserError(f"config 'model.init' = {cfg.model.init}: no such checkpoint or save_pretrained directory")
 
 

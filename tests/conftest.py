@@ -89,3 +89,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- shared: tiny synthetic training data
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict:
+    """Synthetic shards (train 192 / val 12 / test 12 images, 32 px, 20 relation quadruples) + tokenizer, built
+    once per session for the tests that start real training runs (test_training, test_ablation)."""
+    from pipeline.data.synthetic import SyntheticConfig, ensure_synthetic_dataset
+    from pipeline.data.tokenizer import SentencePieceTokenizer, iter_captions
+    root = tmp_path_factory.mktemp("tiny_data")
+    cfg = SyntheticConfig(train=192, val=12, test=12, image_size=32, shard_samples=24, captions_per_image=2,
+                          attribute_captions=1, max_objects=2, large_frac=0.3, small_frac=0.2, relations=20)
+    ensure_synthetic_dataset(root, cfg, progress=False)
+    tok = root / "tok.model"
+    SentencePieceTokenizer.train(iter_captions([str(root / "train")]), tok, 100)
+    return {"root": root, "tokenizer": tok}

@@ -22,26 +22,14 @@ TINY_MODEL = ("model.overrides={hidden_size: 32, num_layers: 2, num_heads: 2, in
               "itc_dim: 16, dropout: 0.0, init_std: 0.1}")
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> dict:
-    """Synthetic shards (train 192 / val 12 / test 12 images, 32 px) + tokenizer, built once."""
-    from pipeline.data.synthetic import SyntheticConfig, ensure_synthetic_dataset
-    from pipeline.data.tokenizer import SentencePieceTokenizer, iter_captions
-    root = tmp_path_factory.mktemp("tiny_data")
-    cfg = SyntheticConfig(train=192, val=12, test=12, image_size=32, shard_samples=24, captions_per_image=2,
-                          attribute_captions=1, max_objects=2, large_frac=0.3, small_frac=0.2, relations=20)
-    ensure_synthetic_dataset(root, cfg, progress=False)
-    tok = root / "tok.model"
-    SentencePieceTokenizer.train(iter_captions([str(root / "train")]), tok, 100)
-    return {"root": root, "tokenizer": tok}
-
-
 def common_sets(tiny_data: dict, run_dir: Path, uri: str | None, steps: int = 4) -> list[str]:
     root = tiny_data["root"]
     sets = [f"data.train={root / 'train'}", f"data.val={root / 'val'}", f"data.test={root / 'test'}",
             f"data.relations={root / 'relations'}",
             f"data.tokenizer={tiny_data['tokenizer']}", "data.synthetic=null", "data.image_size=32",
             "data.max_text_len=48", "data.num_workers=0", "data.shuffle_buffer=16", TINY_MODEL,
+            "model.pretrain_config=null", "eval.full=true", "finetune.swap_negatives=false",
+            "finetune.grounding_weight=0.0",
             f"run_dir={run_dir}", f"train.steps={steps}", "train.micro_batch_size=4", "train.lr=1e-3",
             "train.warmup_steps=1", "train.log_every=1", "train.threads=1",
             "finetune.negative_size=3", "finetune.hard_size=1", "finetune.pool_size=16",
@@ -305,7 +293,8 @@ def test_region_features_from_karpathy_shards_finetune_and_evaluate(tmp_path):
             "data.vocab_size=60", "data.max_text_len=24", "data.num_workers=0", "data.shuffle_buffer=8", model,
             f"run_dir={run_dir}", "train.steps=3", "train.micro_batch_size=4", "train.warmup_steps=1",
             "train.log_every=1", "train.threads=1", "finetune.negative_size=3", "finetune.hard_size=1",
-            "finetune.pool_size=16", "tracking.enabled=false", "eval.two_stage=true", "eval.two_stage_k=2"]
+            "finetune.pool_size=16", "tracking.enabled=false", "eval.two_stage=true", "eval.two_stage_k=2",
+            "model.pretrain_config=null", "eval.full=true", "finetune.grounding_weight=0.0"]
     launch("finetune", "zero2", sets, nprocs=1)
     live = json.loads((run_dir / "test_metrics.json").read_text())
     assert {"rsum", "two_stage_rsum", "isd_singular_L"} <= set(live)
@@ -369,3 +358,54 @@ def test_finetune_api_with_gradient_accumulation_returns_the_test_metrics(tiny_d
     assert json.loads((run_dir / "ds_config.json").read_text())["gradient_accumulation_steps"] == 2
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+
+
+def _pretrain_yaml(tiny_data: dict, run_dir: Path, path: Path, steps: int) -> Path:
+    """A pretraining config file for the fine-tuning stage test: the tiny sets + grounding, WRA and swaps."""
+    import yaml
+    from pipeline.config import apply_override
+    raw: dict = {}
+    for s in common_sets(tiny_data, run_dir, None, steps=steps) + [
+            "pretrain.tasks={mlm: 0.5, itm: 1.0, itc: 0.5, wra: 0.5, grounding: 1.0}", "pretrain.swap_negatives=true",
+            "pretrain.task_mix=sum", "model.pretrain_config=null", "name=stage_pre"]:
+        apply_override(raw, s)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.slow
+def test_finetune_runs_its_pretraining_stage_once_and_reuses_it(tiny_data, tmp_path):
+    """model.pretrain_config: the first fine-tune pretrains (grounding, WRA, swap negatives) and initialises from
+    the export; a second fine-tune reuses it; a changed pretraining config is not silently reused."""
+    pre_dir = tmp_path / "pre"
+    pre_yaml = _pretrain_yaml(tiny_data, pre_dir, tmp_path / "pre.yaml", steps=6)
+    sets = [s for s in common_sets(tiny_data, tmp_path / "ft1", None, steps=2) if not s.startswith("model.")] + [
+        TINY_MODEL, f"model.pretrain_config={pre_yaml}", "finetune.swap_negatives=true",
+        "finetune.grounding_weight=0.5"]
+    out = launch("finetune", "zero2", sets, nprocs=1)
+    assert "pretraining into" in out and "reusing" not in out, out[-3000:]
+    rows = [json.loads(line) for line in (pre_dir / "metrics.jsonl").read_text().splitlines()]
+    task_keys = {"mlm_loss", "itm_loss", "itc_loss", "wra_loss", "grounding_loss", "grounding_acc", "itm_acc"}
+    logged = [r for r in rows if "loss" in r]
+    assert len(logged) == 6 and all(task_keys <= set(r) for r in logged), logged   # task_mix sum: all, every step
+    assert json.loads((tmp_path / "ft1" / "test_metrics.json").read_text())["rsum"] >= 0
+    saved = yaml_of(tmp_path / "ft1" / "experiment.yaml")
+    assert saved["model"]["init"] == str(pre_dir / "model")
+    ft_rows = [json.loads(line) for line in (tmp_path / "ft1" / "metrics.jsonl").read_text().splitlines()]
+    assert any("rank_loss_swap" in r and "grounding_loss" in r for r in ft_rows)
+    mtime = (pre_dir / "model" / "model.safetensors").stat().st_mtime
+    out = launch("finetune", "zero2", [s.replace("ft1", "ft2") for s in sets], nprocs=1)
+    assert "reusing" in out and "pretraining into" not in out, out[-3000:]
+    assert (pre_dir / "model" / "model.safetensors").stat().st_mtime == mtime
+    # a changed pretraining config is not reused: the stage is pretrained again (like a changed data config)
+    _pretrain_yaml(tiny_data, pre_dir, pre_yaml, steps=8)
+    out = launch("finetune", "zero2", [s.replace("ft1", "ft3") for s in sets], nprocs=1)
+    assert "pretraining into" in out and "reusing" not in out, out[-3000:]
+    assert (pre_dir / "model" / "model.safetensors").stat().st_mtime > mtime
+    rows = [json.loads(line) for line in (pre_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows if "loss" in r) == 8
+
+
+def yaml_of(path: Path) -> dict:
+    import yaml
+    return yaml.safe_load(path.read_text())

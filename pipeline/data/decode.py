@@ -41,6 +41,7 @@ class DecodeSpec:
     max_regions: int
     interpolation: str = "bicubic"
     feat_dim: int | None = None
+    swap_captions: bool = False   # also encode a relation/attribute-swapped caption (pipeline.data.swaps)
 
 
 def stable_id(text: str) -> int:
@@ -154,8 +155,19 @@ def _word_to_region(meta: dict, cap_index: int, word_index: list[int]) -> list[i
     try:
         words = table[cap_index]
         return [int(words[w]) if w >= 0 else -1 for w in word_index]
-    except (IndexError, TypeError, ValueError) as exc:
+    except (IndexError, KeyError, TypeError, ValueError) as exc:
         raise BadSample("bad_json") from exc
+
+
+def object_centres(meta: dict, width: float, height: float) -> list[tuple[float, float]]:
+    """Normalised (x, y) centre of each annotated object's pixel box (grounding targets)."""
+    try:
+        boxes = [[float(v) for v in o["box"]] for o in meta.get("objects") or []]
+        if any(len(b) != 4 for b in boxes):
+            raise ValueError("box")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadSample("bad_json") from exc
+    return [((b[0] + b[2]) / (2 * width), (b[1] + b[3]) / (2 * height)) for b in boxes]
 
 
 def decode_image_part(sample: dict[str, Any], meta: dict, spec: DecodeSpec) -> dict[str, Any]:
@@ -165,9 +177,11 @@ def decode_image_part(sample: dict[str, Any], meta: dict, spec: DecodeSpec) -> d
             raise BadSample("missing_features")
         feats, boxes, (width, height) = load_npz(sample["npz"], spec)
         out["region_feat"], out["region_pos"] = feats, _region_pos(boxes, width, height)
+        out["object_centres"] = object_centres(meta, width, height)
         return out
     pixels, stored = decode_image(_image_bytes(sample), spec)
     out["pixels"] = pixels
+    out["object_centres"] = object_centres(meta, *stored)
     if spec.image_mode == "roi":
         boxes = _roi_boxes(sample, meta, stored, spec)
         out["boxes"] = boxes
@@ -183,6 +197,17 @@ def encode_caption(tokenizer, meta: dict, captions: list[str], cap_index: int, s
             "text_id": stable_id(f"{key}#{cap_index}")}
 
 
+def encode_swap(tokenizer, meta: dict, caption: str, cap_index: int, spec: DecodeSpec, choice: int) -> dict:
+    """The swapped caption picked for this epoch; ``has_swap`` False (and the caption itself) when none."""
+    from pipeline.data.swaps import pick_swap
+    table = meta.get("word_objects")
+    words = table[cap_index] if isinstance(table, list) and cap_index < len(table) else None
+    objects = meta.get("objects") or []
+    text = pick_swap(caption, words, objects, choice) if isinstance(words, list) and isinstance(objects, list) \
+        else None
+    return {"swap_ids": tokenizer.encode(text or caption, spec.max_text_len).ids, "has_swap": text is not None}
+
+
 def caption_choice(seed: int, epoch: int, key: str, n: int) -> int:
     """One caption per image per epoch, independent of where the sample lands in the stream."""
     return stable_id(f"{seed}/{epoch}/{key}") % n
@@ -193,8 +218,11 @@ def decode_train_sample(sample: dict[str, Any], tokenizer, spec: DecodeSpec, see
     meta = parse_meta(sample)
     captions = captions_of(sample, meta)
     out = decode_image_part(sample, meta, spec)
-    out.update(encode_caption(tokenizer, meta, captions, caption_choice(seed, epoch, key, len(captions)),
-                              spec, key))
+    cap_index = caption_choice(seed, epoch, key, len(captions))
+    out.update(encode_caption(tokenizer, meta, captions, cap_index, spec, key))
+    if spec.swap_captions:
+        out.update(encode_swap(tokenizer, meta, captions[cap_index], cap_index, spec,
+                               stable_id(f"swap/{seed}/{epoch}/{key}")))
     out["image_id"] = stable_id(key)
     return out
 
@@ -248,10 +276,35 @@ def collate_image(samples: list[dict], spec: DecodeSpec) -> dict[str, torch.Tens
     return out
 
 
+def collate_grounding(samples: list[dict], word_to_region: torch.Tensor) -> dict[str, torch.Tensor]:
+    """word_centre [B, T, 2]: the annotated object's normalised centre per token; word_grounded [B, T]."""
+    centres = torch.zeros(word_to_region.shape + (2,))
+    grounded = torch.zeros(word_to_region.shape, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        table = torch.tensor(s.get("object_centres") or [], dtype=torch.float32).reshape(-1, 2)
+        index = word_to_region[i]
+        ok = (index >= 0) & (index < len(table))
+        grounded[i] = ok
+        centres[i, ok] = table[index[ok]]
+    return {"word_centre": centres, "word_grounded": grounded}
+
+
+def collate_swaps(samples: list[dict]) -> dict[str, torch.Tensor]:
+    width = max(len(s["swap_ids"]) for s in samples)
+    lengths = torch.tensor([len(s["swap_ids"]) for s in samples])
+    return {"swap_input_ids": _pad([s["swap_ids"] for s in samples], width, 0),
+            "swap_text_mask": torch.arange(width)[None, :] < lengths[:, None],
+            "has_swap": torch.tensor([s["has_swap"] for s in samples], dtype=torch.bool)}
+
+
 def collate(samples: list[dict], spec: DecodeSpec) -> dict[str, torch.Tensor]:
     batch = collate_text(samples)
     batch.update(collate_image(samples, spec))
     batch["image_id"] = torch.tensor([s["image_id"] for s in samples], dtype=torch.long)
+    if "object_centres" in samples[0]:
+        batch.update(collate_grounding(samples, batch["word_to_region"]))
+    if "swap_ids" in samples[0]:
+        batch.update(collate_swaps(samples))
     return batch
 
 

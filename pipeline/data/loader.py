@@ -64,6 +64,7 @@ class LoaderConfig:
     max_regions: int = 36
     feat_dim: int | None = None
     prefetch_factor: int = 2
+    swap_captions: bool = False   # batches also carry a relation/attribute-swapped caption per sample
 
     def __post_init__(self) -> None:
         check_loader_values(self, "loader.")   # the data section's rules (image size, text length, ...)
@@ -81,7 +82,7 @@ class LoaderConfig:
 
     def decode_spec(self) -> DecodeSpec:
         return DecodeSpec(self.image_size, self.mean, self.std, self.max_text_len, self.image_mode,
-                          self.max_regions, self.interpolation, self.feat_dim)
+                          self.max_regions, self.interpolation, self.feat_dim, self.swap_captions)
 
 
 def _seed(*parts: Any) -> int:

@@ -117,13 +117,14 @@ def _state_dict_from(path: Path) -> dict:
     raise UserError(f"model.init {path}: not a save_pretrained dir, DeepSpeed checkpoint dir or UNITER .pt")
 
 
-def loader_config(cfg: ExperimentConfig, shards: str, model, batch_size: int, seed_offset: int = 0):
+def loader_config(cfg: ExperimentConfig, shards: str, model, batch_size: int, seed_offset: int = 0,
+                  swap_captions: bool = False):
     from pipeline.data.loader import LoaderConfig
     d = cfg.data
     kw = dict(shards=shards, batch_size=batch_size, image_size=d.image_size, max_text_len=d.max_text_len,
               num_workers=d.num_workers, seed=cfg.seed + seed_offset, shuffle_buffer=d.shuffle_buffer,
               resampled=d.resampled, image_mode=d.image_mode, max_regions=d.max_regions,
-              feat_dim=model.config.image.feat_dim)
+              feat_dim=model.config.image.feat_dim, swap_captions=swap_captions)
     backbone = model.config.image.backbone
     if d.image_mode != "features" and backbone:
         return LoaderConfig.for_model(backbone, **kw)

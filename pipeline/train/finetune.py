@@ -48,7 +48,8 @@ class FinetuneJob:
         self.run, self.engine, self.tokenizer, self.tok_path = run, engine, tokenizer, tok_path
         cfg = self.cfg = run.cfg
         mbs = cfg.train.micro_batch_size
-        self.loader_cfg = loader_config(cfg, train_spec, engine.module, mbs)
+        self.loader_cfg = loader_config(cfg, train_spec, engine.module, mbs,
+                                        swap_captions=cfg.finetune.swap_negatives)
         self.step, self.best_rsum, self.best_tag, client = 0, -1.0, None, None
         resume = ckpt.resume_point(run.cfg)
         if resume is not None:

@@ -17,7 +17,7 @@ from pipeline.train.build import to_device
 from pipeline.train.negatives import (CandidatePool, index_tokens, margin_rank_loss, pad_cat, pad_value, score_grid,
                                       text_rows, iais_schedule, IMAGE_KEYS, TEXT_KEYS)
 from pipeline.errors import UserError
-from pipeline.train.objectives import itc_loss
+from pipeline.train.objectives import GROUNDING_LAYER, grounding_loss, itc_loss
 
 
 def _first_valid(valid: torch.Tensor, n: int) -> torch.Tensor:
@@ -159,14 +159,28 @@ class FinetuneStep:
         hard_img, hard_txt = self.mine(batch, step, generator)
         n_img, n_txt = hard_img.shape[1], hard_txt.shape[1]
         pairs, tokens = self.groups(batch, hard_img, hard_txt)
+        swapped = self._swap_rows(batch)
+        if len(swapped):
+            pairs, tokens = self._with_swaps(batch, pairs, tokens, swapped)
         use_iais = ft.iais.alignment != "none" and ft.iais.weight > 0
         layers = list(ft.iais.layers) if use_iais else []
-        out = self.forward(pairs, image_tokens=tokens, attn_logit_layers=layers)
+        logit_layers = layers + ([GROUNDING_LAYER] if ft.grounding_weight > 0 else [])
+        out = self.forward(pairs, image_tokens=tokens, attn_logit_layers=logit_layers)
         logits = module.rank_head(out.pooled).squeeze(-1).float()
         scalars = {"pos_score": torch.sigmoid(logits[:b]).mean().item(), "score_std": logits.detach().std().item(),
                    "pairs_trained": float(logits.numel()), **{k: float(v) for k, v in self.counts.items()}}
         rank_loss = self._rank_loss(logits, b, n_img, n_txt, scalars)
+        if len(swapped):
+            swap_loss = margin_rank_loss(logits[:b][swapped], logits[-len(swapped):].unsqueeze(1), ft.margin)
+            rank_loss = rank_loss + swap_loss
+            scalars["rank_loss_swap"] = swap_loss.item()
         loss = rank_loss
+        if ft.grounding_weight > 0:
+            positives = {k: batch[k] for k in ("word_grounded", "word_centre") if k in batch}
+            ground, scalars["grounding_acc"] = grounding_loss(module, positives, _rows(out, b), tokens.pos[:b],
+                                                              GROUNDING_LAYER)
+            loss = loss + ft.grounding_weight * ground
+            scalars["grounding_loss"] = ground.item()
         weight = ft.iais.weight * iais_schedule(ft.iais.schedule, step, self.total) if use_iais else 0.0
         scalars["iais_loss"] = 0.0
         if use_iais:
@@ -183,6 +197,23 @@ class FinetuneStep:
             scalars["itc_loss"] = itc.item()
         scalars.update(loss=loss.item(), rank_loss=rank_loss.item(), iais_weight=weight)
         return loss, scalars
+
+    def _swap_rows(self, batch: dict) -> torch.Tensor:
+        """Anchors whose swapped caption joins the step as a hard negative of their image."""
+        if not self.ft.swap_negatives or "has_swap" not in batch:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.nonzero(batch["has_swap"].cpu()).flatten()
+
+    def _with_swaps(self, batch: dict, pairs: dict, tokens, rows: torch.Tensor) -> tuple[dict, object]:
+        """The trained pairs + (swapped caption, own image) of ``rows``, appended last."""
+        swaps = {"input_ids": batch["swap_input_ids"].cpu()[rows], "text_mask": batch["swap_text_mask"].cpu()[rows]}
+        swaps = to_device(swaps, self.device)
+        extended = {k: pad_cat([pairs[k], swaps[k]], pad_value(k)) for k in swaps}
+        extended.update({k: pad_cat([v, torch.full((len(rows),) + v.shape[1:], pad_value(k), dtype=v.dtype,
+                                                   device=v.device)], pad_value(k))
+                         for k, v in pairs.items() if k not in swaps})
+        index = torch.cat([torch.arange(tokens.mask.shape[0]), rows]).to(self.device)
+        return extended, index_tokens(tokens, index)
 
     def _rank_loss(self, logits: torch.Tensor, b: int, n_img: int, n_txt: int, scalars: dict) -> torch.Tensor:
         """Sum over the directions trained of the mean hinge of their groups (+ the optional BCE term)."""
@@ -203,3 +234,10 @@ class FinetuneStep:
             rank_loss = rank_loss + ft.bce_weight * bce
             scalars["bce_loss"] = bce.item()
         return rank_loss
+
+
+def _rows(out, n: int):
+    """The first ``n`` pairs of a transformer output (the positives), as the grounding loss reads them."""
+    from dataclasses import replace
+    return replace(out, sequence=out.sequence[:n], attn_mask=out.attn_mask[:n], region_mask=out.region_mask[:n],
+                   attn_logits={k: v[:n] for k, v in out.attn_logits.items()})

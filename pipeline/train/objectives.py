@@ -1,6 +1,8 @@
-"""Pretraining task losses: MLM (15 %, 80/10/10), ITM (random non-matching image for half the pairs) and ITC
-(in-batch contrastive over text-only and image-only passes, gathered across ranks with gradients) and, in
-region modes, MRFR (masked region feature regression)."""
+"""Pretraining task losses: MLM (15 %, 80/10/10), ITM (random non-matching image for half the pairs, plus
+optionally each caption's relation/attribute swap as a negative of its own image), ITC (in-batch contrastive
+over text-only and image-only passes, gathered across ranks with gradients), WRA (UNITER's word-region
+optimal transport on the ITM pairs), supervised grounding (annotated words predict their object's centre)
+and, in region modes, MRFR (masked region feature regression)."""
 from __future__ import annotations
 
 import random
@@ -10,7 +12,8 @@ import torch.nn.functional as F
 
 from pipeline import distributed as dist_utils
 
-TASKS = ("mlm", "itm", "itc", "mrfr")
+TASKS = ("mlm", "itm", "itc", "mrfr", "wra", "grounding")
+GROUNDING_LAYER = 0   # the layer whose word->image attention grounding supervises: later layers compose on it
 
 
 def choose_task(ratios: dict[str, float], seed: int, step: int) -> str:
@@ -64,15 +67,89 @@ def itm_permutation(image_ids: torch.Tensor, generator: torch.Generator) -> tupl
     return rows, (~negative).long()
 
 
-def itm_loss(module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, float]:
+def itm_pairs(batch: dict, generator: torch.Generator, swaps: bool) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """(texts, image row per text, label 1=match): the ITM permutation of the batch; with ``swaps``, half of
+    the negatives whose caption has a swapped version become (swapped caption, own image) instead, so the
+    classes stay balanced (extra swap negatives on top tip ITM into always answering "no match")."""
     rows, labels = itm_permutation(batch["image_id"].cpu(), generator)
+    texts = {"input_ids": batch["input_ids"], "text_mask": batch["text_mask"]}
+    if swaps and "has_swap" in batch:
+        from pipeline.train.negatives import pad_cat
+        coin = torch.rand(labels.shape, generator=generator) < 0.5
+        use = (labels == 0) & batch["has_swap"].cpu() & coin
+        device = batch["input_ids"].device
+        ids = pad_cat([batch["input_ids"], batch["swap_input_ids"]], 0)
+        mask = pad_cat([batch["text_mask"], batch["swap_text_mask"]], False)
+        b, pick = labels.shape[0], torch.arange(labels.shape[0]) + use.long() * labels.shape[0]
+        texts = {"input_ids": ids[pick.to(device)], "text_mask": mask[pick.to(device)]}
+        rows = torch.where(use, torch.arange(b), rows)
+    return texts, rows, labels
+
+
+def itm_loss(module, batch: dict, generator: torch.Generator, swaps: bool = False) -> tuple[torch.Tensor, float]:
+    texts, rows, labels = itm_pairs(batch, generator, swaps)
     device = batch["input_ids"].device
     tokens = module.encode_image(batch)
     from pipeline.train.negatives import index_tokens
-    logits = module.itm_logits(batch, image_tokens=index_tokens(tokens, rows.to(device))).float()
+    logits = module.itm_logits(texts, image_tokens=index_tokens(tokens, rows.to(device))).float()
     labels = labels.to(device)
     acc = (logits.argmax(dim=1) == labels).float().mean().item()
     return F.cross_entropy(logits, labels), acc
+
+
+def wra_task_loss(module, batch: dict, generator: torch.Generator, swaps: bool = False) -> torch.Tensor:
+    """UNITER's WRA: optimal-transport distance between word and image output tokens, lowered on matched
+    and raised on mismatched ITM pairs."""
+    from models.ot import wra_loss
+    from pipeline.train.negatives import index_tokens
+    texts, rows, labels = itm_pairs(batch, generator, swaps)
+    device = batch["input_ids"].device
+    tokens = index_tokens(module.encode_image(batch), rows.to(device))
+    out = module(texts, image_tokens=tokens, attn_logit_layers=[])
+    return wra_loss(out.sequence, out.word_mask, out.region_mask, labels.to(device).bool())
+
+
+def grounding_regions(pos: torch.Tensor, region_mask: torch.Tensor, centres: torch.Tensor,
+                      grounded: torch.Tensor) -> torch.Tensor:
+    """Per word [B, T]: the image token (patch or region) holding its object's centre, the smallest such
+    when several do; -1 for words without an annotated object (or whose centre no token holds)."""
+    x, y = centres[..., 0].unsqueeze(-1), centres[..., 1].unsqueeze(-1)          # [B, T, 1]
+    x1, y1, x2, y2 = (pos[..., i].unsqueeze(1) for i in range(4))                  # [B, 1, M]
+    inside = (x >= x1) & (x < x2) & (y >= y1) & (y < y2) & region_mask.bool().unsqueeze(1)
+    area = torch.where(inside, pos[..., 6].unsqueeze(1), torch.full_like(inside, 2.0, dtype=pos.dtype))
+    target = area.argmin(dim=-1)
+    return torch.where(grounded & inside.any(dim=-1), target, torch.full_like(target, -1))
+
+
+def grounding_loss(module, batch: dict, out=None, pos=None, layer: int = 0) -> tuple[torch.Tensor, float]:
+    """(loss, share of words attending most to their object) of supervised grounding on the batch's matched
+    pairs: each annotated word's attention at ``layer`` (heads averaged) is pulled onto the image token
+    holding its object's centre, and its output token regresses that centre (L1). ``out``: the pairs'
+    transformer output when already computed with that layer's logits, and ``pos`` their image tokens'
+    boxes [B, M, 7]."""
+    if "word_grounded" not in batch:
+        from pipeline.errors import UserError
+        raise UserError("the grounding loss needs word->object annotations (word_objects and objects in the "
+                        "shards' JSON); set pretrain.tasks.grounding / finetune.grounding_weight to 0")
+    if out is None:
+        tokens = module.encode_image(batch)
+        out, pos = module(batch, image_tokens=tokens, attn_logit_layers=[layer]), tokens.pos
+    grounded = batch["word_grounded"]
+    text_len, t = out.text_len, grounded.shape[1]
+    logits = out.attn_logits[layer % module.config.num_layers][:grounded.shape[0]]   # [B, heads, N, N]
+    probs = logits.float().masked_fill(~out.attn_mask[:grounded.shape[0], None, None, :],
+                                       float("-inf")).softmax(-1).mean(1)
+    to_image = probs[:, :t, text_len:]                                              # [B, T, M]
+    regions = out.region_mask[:grounded.shape[0], text_len:]
+    target = grounding_regions(pos[:, :to_image.shape[-1]].float(), regions, batch["word_centre"], grounded)
+    hit = target >= 0
+    predicted = module.grounding_predictions(out.sequence, grounded).float()
+    if not hit.any():   # no annotated word in this batch: a zero that keeps the graph
+        return predicted.sum() * 0.0 + logits.sum() * 0.0, 0.0
+    attention = -torch.log(to_image[hit].gather(1, target[hit].unsqueeze(1)).clamp_min(1e-9)).mean()
+    regression = (predicted - batch["word_centre"][grounded].float()).abs().mean()
+    accuracy = (to_image[hit].argmax(dim=1) == target[hit]).float().mean().item()
+    return attention + regression, accuracy
 
 
 def mask_regions(region_mask: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:

@@ -10,7 +10,8 @@ from pipeline import distributed as dist_utils
 from pipeline.train import checkpoint as ckpt, loop, runtime as T
 from pipeline.config import ExperimentConfig, split_path
 from pipeline.errors import UserError
-from pipeline.train.objectives import TASKS, choose_task, itc_loss, itm_loss, mlm_loss, mrfr_loss
+from pipeline.train.objectives import (TASKS, choose_task, grounding_loss, itc_loss, itm_loss, mlm_loss,
+                                       mrfr_loss, wra_task_loss)
 from pipeline.train.build import build_model, ensure_data, ensure_tokenizer, loader_config
 from pipeline.data.loader import BatchStream
 
@@ -59,7 +60,8 @@ class PretrainJob:
         states = client["loader"] if client else [None] * len(srcs)
         if len(states) != len(srcs):
             raise UserError(f"checkpoint has {len(states)} data sources but the config has {len(srcs)}")
-        self.streams = [BatchStream(loader_config(cfg, spec, engine.module, cfg.train.micro_batch_size, i),
+        mbs, swaps = cfg.train.micro_batch_size, cfg.pretrain.swap_negatives
+        self.streams = [BatchStream(loader_config(cfg, spec, engine.module, mbs, i, swap_captions=swaps),
                                     tokenizer, run.rank, run.world_size, state=st)
                         for i, ((spec, _), st) in enumerate(zip(srcs, states))]
         self.tracker = T.open_tracker(run, client)
@@ -70,25 +72,41 @@ class PretrainJob:
             return mlm_loss(module, batch, self.tokenizer, self.cfg.pretrain.mlm_prob, generator), {}
         if task == "mrfr":
             return mrfr_loss(module, batch, self.cfg.pretrain.mrfr_prob, generator), {}
+        swaps = self.cfg.pretrain.swap_negatives
         if task == "itm":
-            loss, acc = itm_loss(module, batch, generator)
+            loss, acc = itm_loss(module, batch, generator, swaps)
             return loss, {"itm_acc": acc}
+        if task == "wra":
+            return wra_task_loss(module, batch, generator, swaps), {}
+        if task == "grounding":
+            loss, accuracy = grounding_loss(module, batch)
+            return loss, {"grounding_acc": accuracy}
         loss, acc = itc_loss(module, batch)
         return loss, {"itc_acc": acc}
 
+    def step_tasks(self, step: int) -> list[str]:
+        """The tasks of ``step``: one drawn by the ratios (UNITER), or every task with a ratio (pretrain.task_mix:
+        sum, their losses weighted by the ratios)."""
+        ratios = vars(self.cfg.pretrain.tasks)
+        if self.cfg.pretrain.task_mix == "sum":
+            return [t for t in TASKS if ratios.get(t, 0) > 0]
+        return [choose_task(ratios, self.cfg.seed, step)]
+
     def step_fn(self, batch: dict, step: int, generator) -> tuple:
-        """One micro-step of the step's task. Every key on every step (zeros for the other tasks) keeps the
+        """One micro-step of the step's task(s). Every key on every step (zeros for the other tasks) keeps the
         cross-rank reduction aligned; per-task means are recovered from the *_steps counters."""
-        task = choose_task(vars(self.cfg.pretrain.tasks), self.cfg.seed, step)
-        loss, extra = self.task_loss(task, batch, generator)
-        value = loss.item()
-        scalars = {"loss": value}
-        for t in TASKS:
-            scalars[f"{t}_loss_sum"] = value if t == task else 0.0
-            scalars[f"{t}_steps"] = 1.0 if t == task else 0.0
-        scalars["itm_acc_sum"] = extra.get("itm_acc", 0.0)
-        scalars["itc_acc_sum"] = extra.get("itc_acc", 0.0)
-        return loss, scalars
+        tasks, ratios = self.step_tasks(step), vars(self.cfg.pretrain.tasks)
+        scalars = {f"{t}{suffix}": 0.0 for t in TASKS for suffix in ("_loss_sum", "_steps")}
+        scalars.update(itm_acc_sum=0.0, itc_acc_sum=0.0, grounding_acc_sum=0.0)
+        total = 0.0
+        for task in tasks:
+            loss, extra = self.task_loss(task, batch, generator)
+            total = total + (loss * ratios[task] if len(tasks) > 1 else loss)
+            scalars[f"{task}_loss_sum"], scalars[f"{task}_steps"] = loss.item(), 1.0
+            for key, value in extra.items():
+                scalars[f"{key}_sum"] = value
+        scalars["loss"] = total.item()
+        return total, scalars
 
     def next_batch(self, step: int, micro: int) -> dict:
         return next(self.streams[choose_source(self.weights, self.cfg.seed, step, micro)])
@@ -117,6 +135,8 @@ class PretrainJob:
                 out = ckpt.export_pretrained(self.engine, self.run, tag, self.run.run_dir / "model",
                                              self.tok_path)
                 if out is not None:
+                    from pipeline.train.stages import write_stamp
+                    write_stamp(out, self.cfg)   # a fine-tune naming this config as its stage reuses the export
                     print(f"[pretrain] consolidated fp32 model: {out}", flush=True)
                     self.tracker.log_artifact(out, "model")
         elif self.run.is_main:
@@ -135,7 +155,7 @@ def task_means(raw: dict[str, float]) -> dict[str, float]:
     for t in TASKS:
         if raw.get(f"{t}_steps", 0) > 0:
             values[f"{t}_loss"] = raw[f"{t}_loss_sum"] / raw[f"{t}_steps"]
-    for t in ("itm", "itc"):
+    for t, name in (("itm", "itm_acc"), ("itc", "itc_acc"), ("grounding", "grounding_acc")):
         if raw.get(f"{t}_steps", 0) > 0:
-            values[f"{t}_acc"] = raw[f"{t}_acc_sum"] / raw[f"{t}_steps"]
+            values[name] = raw[f"{name}_sum"] / raw[f"{t}_steps"]
     return values

@@ -49,6 +49,9 @@ def prepare(stage: str, config_path: Optional[str], overrides: list[str],
             ds_path: str) -> tuple[ExperimentConfig, dict]:
     """Everything that can fail on user input, before any process-group work."""
     cfg = load_config(config_path, overrides)
+    if stage == "finetune" and cfg.model.pretrain_config:
+        from pipeline.train.stages import with_stage_init
+        cfg = with_stage_init(cfg)
     validate_model_config(cfg)
     validate_paths(cfg, stage)
     accelerator = accelerator_name()
