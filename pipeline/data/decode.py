@@ -202,9 +202,7 @@ def encode_swap(tokenizer, meta: dict, caption: str, cap_index: int, spec: Decod
     from pipeline.data.swaps import pick_swap
     table = meta.get("word_objects")
     words = table[cap_index] if isinstance(table, list) and cap_index < len(table) else None
-    objects = meta.get("objects") or []
-    text = pick_swap(caption, words, objects, choice) if isinstance(words, list) and isinstance(objects, list) \
-        else None
+    text = pick_swap(caption, words, meta.get("objects") or [], choice)
     return {"swap_ids": tokenizer.encode(text or caption, spec.max_text_len).ids, "has_swap": text is not None}
 
 

@@ -73,10 +73,11 @@ def attribute_swaps(words: list[str], word_objects: list[int], objects: list[dic
     return out
 
 
-def pick_swap(caption: str, word_objects: list, objects: list, choice: int) -> Optional[str]:
+def pick_swap(caption: str, word_objects, objects, choice: int) -> Optional[str]:
     """One swapped caption chosen by the integer ``choice``: the relation swap or an attribute swap with equal
     odds when both exist; None when the annotations allow none (or are malformed)."""
-    if not all(isinstance(o, int) for o in word_objects) or not all(isinstance(o, dict) for o in objects):
+    if not (isinstance(word_objects, list) and isinstance(objects, list)
+            and all(isinstance(o, int) for o in word_objects) and all(isinstance(o, dict) for o in objects)):
         return None
     words = caption.split()
     if len(words) != len(word_objects):

@@ -80,8 +80,9 @@ def itm_pairs(batch: dict, generator: torch.Generator, swaps: bool) -> tuple[dic
         device = batch["input_ids"].device
         ids = pad_cat([batch["input_ids"], batch["swap_input_ids"]], 0)
         mask = pad_cat([batch["text_mask"], batch["swap_text_mask"]], False)
-        b, pick = labels.shape[0], torch.arange(labels.shape[0]) + use.long() * labels.shape[0]
-        texts = {"input_ids": ids[pick.to(device)], "text_mask": mask[pick.to(device)]}
+        b = labels.shape[0]
+        pick = (torch.arange(b) + use.long() * b).to(device)   # row i, or its swap at row b + i
+        texts = {"input_ids": ids[pick], "text_mask": mask[pick]}
         rows = torch.where(use, torch.arange(b), rows)
     return texts, rows, labels
 
@@ -121,7 +122,7 @@ def grounding_regions(pos: torch.Tensor, region_mask: torch.Tensor, centres: tor
     return torch.where(grounded & inside.any(dim=-1), target, torch.full_like(target, -1))
 
 
-def grounding_loss(module, batch: dict, out=None, pos=None, layer: int = 0) -> tuple[torch.Tensor, float]:
+def grounding_loss(module, batch: dict, out=None, pos=None, layer: int = GROUNDING_LAYER) -> tuple[torch.Tensor, float]:
     """(loss, share of words attending most to their object) of supervised grounding on the batch's matched
     pairs: each annotated word's attention at ``layer`` (heads averaged) is pulled onto the image token
     holding its object's centre, and its output token regresses that centre (L1). ``out``: the pairs'

@@ -15,6 +15,8 @@ from pipeline.train.objectives import (TASKS, choose_task, grounding_loss, itc_l
 from pipeline.train.build import build_model, ensure_data, ensure_tokenizer, loader_config
 from pipeline.data.loader import BatchStream
 
+TASK_METRICS = {"itm": "itm_acc", "itc": "itc_acc", "grounding": "grounding_acc"}   # the extra scalar per task
+
 
 def sources(cfg: ExperimentConfig) -> list[tuple[str, float]]:
     if cfg.pretrain.sources:
@@ -97,7 +99,7 @@ class PretrainJob:
         cross-rank reduction aligned; per-task means are recovered from the *_steps counters."""
         tasks, ratios = self.step_tasks(step), vars(self.cfg.pretrain.tasks)
         scalars = {f"{t}{suffix}": 0.0 for t in TASKS for suffix in ("_loss_sum", "_steps")}
-        scalars.update(itm_acc_sum=0.0, itc_acc_sum=0.0, grounding_acc_sum=0.0)
+        scalars.update({f"{name}_sum": 0.0 for name in TASK_METRICS.values()})
         total = 0.0
         for task in tasks:
             loss, extra = self.task_loss(task, batch, generator)
@@ -155,7 +157,7 @@ def task_means(raw: dict[str, float]) -> dict[str, float]:
     for t in TASKS:
         if raw.get(f"{t}_steps", 0) > 0:
             values[f"{t}_loss"] = raw[f"{t}_loss_sum"] / raw[f"{t}_steps"]
-    for t, name in (("itm", "itm_acc"), ("itc", "itc_acc"), ("grounding", "grounding_acc")):
+    for t, name in TASK_METRICS.items():
         if raw.get(f"{t}_steps", 0) > 0:
             values[name] = raw[f"{name}_sum"] / raw[f"{t}_steps"]
     return values

@@ -12,44 +12,35 @@ from pipeline.config import ExperimentConfig, resolve_path, training_fingerprint
 STAMP_NAME = "relalign_stage.json"   # beside the exported model: the training config that produced it
 
 
-@dataclasses.dataclass
-class PretrainStage:
-    cfg: ExperimentConfig
-    ds_config: dict
-
-    @property
-    def model_dir(self) -> Path:
-        return resolve_path(self.cfg.run_dir) / "model"
-
-    def is_cached(self) -> bool:
-        """Whether model_dir holds a complete export of this exact pretraining config."""
-        from models import RetrievalModel
-        stamp = self.model_dir / STAMP_NAME
-        if not (stamp.is_file() and RetrievalModel.is_pretrained_dir(self.model_dir)):
-            return False
-        try:
-            saved = json.loads(stamp.read_text(encoding="utf-8")).get("fingerprint")
-        except (OSError, ValueError):
-            return False
-        return saved == json.loads(json.dumps(training_fingerprint(self.cfg), default=str))
+def export_dir(cfg: ExperimentConfig) -> Path:
+    """Where a pretraining run exports its model: its run_dir/model."""
+    return resolve_path(cfg.run_dir) / "model"
 
 
 def write_stamp(model_dir: Path, cfg: ExperimentConfig) -> None:
     """Record beside an exported model the training config that produced it (pretrain writes it)."""
-    (Path(model_dir) / STAMP_NAME).write_text(json.dumps({"fingerprint": training_fingerprint(cfg)}, indent=1,
-                                                         default=str) + "\n")
+    (Path(model_dir) / STAMP_NAME).write_text(json.dumps({"fingerprint": training_fingerprint(cfg)}, indent=1)
+                                              + "\n")
 
 
-def stage_model_dir(pretrain_config: str) -> Path:
-    """Where the pretraining config exports its model (its run_dir/model)."""
-    from pipeline.config import load_config
-    return resolve_path(load_config(pretrain_config).run_dir) / "model"
+def is_cached(cfg: ExperimentConfig) -> bool:
+    """Whether the pretraining config ``cfg`` has a complete export stamped with this exact training config."""
+    from models import RetrievalModel
+    model_dir = export_dir(cfg)
+    stamp = model_dir / STAMP_NAME
+    if not (stamp.is_file() and RetrievalModel.is_pretrained_dir(model_dir)):
+        return False
+    try:
+        return json.loads(stamp.read_text(encoding="utf-8")).get("fingerprint") == training_fingerprint(cfg)
+    except (OSError, ValueError):
+        return False
 
 
 def with_stage_init(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` with model.init at the stage's model dir (which may not exist yet: :func:`ensure_pretrained`
     builds it), so resume checks and the tokenizer see the same init on every run."""
-    model = dataclasses.replace(cfg.model, init=str(stage_model_dir(cfg.model.pretrain_config)))
+    from pipeline.config import load_config
+    model = dataclasses.replace(cfg.model, init=str(export_dir(load_config(cfg.model.pretrain_config))))
     return dataclasses.replace(cfg, model=model)
 
 
@@ -59,11 +50,10 @@ def ensure_pretrained(cfg: ExperimentConfig, ds_path: str) -> None:
     from pipeline.train.pretrain import pretrain
     from pipeline.train.runtime import prepare
     pre_cfg, pre_ds = prepare("pretrain", cfg.model.pretrain_config, [], ds_path)
-    stage = PretrainStage(pre_cfg, pre_ds)
-    cached = stage.is_cached()
+    cached = is_cached(pre_cfg)
     if dist_utils.rank() == 0:
         print(f"[finetune] pretraining stage {pre_cfg.name}: "
-              + (f"reusing {stage.model_dir}" if cached else f"pretraining into {stage.model_dir}"), flush=True)
+              + ("reusing " if cached else "pretraining into ") + str(export_dir(pre_cfg)), flush=True)
     if cached:
         return
     if not pre_cfg.checkpoint.export:
