@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 import traceback
 
 import torch
+from timing import call_seconds  # bench/timing.py
 
 import models
 
@@ -30,14 +30,7 @@ def make_batch(cfg: models.ModelConfig, batch: int, text_len: int, device: str) 
 def timed(fn, device: str, repeats: int) -> float:
     """Median milliseconds of fn() after two warm-up calls."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    fn(), fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
+    times = call_seconds(fn, repeats, sync, warmup=2)
     return sorted(times)[len(times) // 2] * 1000
 
 

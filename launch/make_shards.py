@@ -6,8 +6,9 @@
       --out data/f30k
   python launch/make_shards.py table --input pairs.csv --images imgs/ --split train --out data/mine/train
 
-Bad input (missing image, unreadable JSON, unknown split, missing column) ends with one line
-`error: ...` on stderr and exit code 2.
+Bad input (missing image, unreadable JSON, unknown split, missing column, a CSV row with more fields than its
+header, an output split that would be empty, an --out that is a file) ends with one line `error: ...` on stderr
+and exit code 2.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.config import check_output_dir  # noqa: E402
 from pipeline.errors import UserError, exit_code_of  # noqa: E402
 from pipeline.data.shards import write_split  # noqa: E402
 from pipeline.data.sources import (KARPATHY_SPLITS, TABLE_FORMATS, ImageOptions, karpathy_entries,  # noqa: E402
@@ -132,12 +134,25 @@ def image_options(args: argparse.Namespace) -> ImageOptions:
     return ImageOptions(max_side=args.max_side, jpeg_quality=args.jpeg_quality, features_dir=args.features)
 
 
+def split_entries(images: list[dict], split_map: dict[str, list[str]], json_path: Path,
+                  limit: int | None) -> dict[str, list[dict]]:
+    """The Karpathy entries of every output split; a split that would be empty is refused before any is written
+    (training and evaluation on an empty split fail only when they first read it)."""
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be >= 1, got {limit}")
+    out = {name: karpathy_entries(images, ksplits)[:limit] for name, ksplits in split_map.items()}
+    for name, entries in out.items():
+        if not entries:
+            raise UserError(f"--split {name}={'+'.join(split_map[name])}: {json_path} has no images in "
+                            f"{'+'.join(split_map[name])}, so the {name} split would be empty; nothing written")
+    return out
+
+
 def run_karpathy(args: argparse.Namespace) -> None:
     split_map = parse_split_map(args.split or list(DEFAULT_KARPATHY_SPLITS))
     images = read_karpathy(args.json)
     opts, limits = image_options(args), shard_limits(args)
-    for out_split, ksplits in split_map.items():
-        entries = karpathy_entries(images, ksplits)[:args.limit]
+    for out_split, entries in split_entries(images, split_map, args.json, args.limit).items():
         manifest = write_split(karpathy_samples(entries, args.images, opts), args.out / out_split, out_split,
                                total=len(entries), **limits)
         print(f"wrote {args.out / out_split}: {manifest['samples']} images "
@@ -155,7 +170,12 @@ def run_table(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = {"synthetic": run_synthetic, "karpathy": run_karpathy, "table": run_table}[args.command]
-    return exit_code_of(lambda: command(args))
+
+    def work() -> None:
+        check_output_dir(args.out, "--out")
+        command(args)
+
+    return exit_code_of(work)
 
 
 if __name__ == "__main__":

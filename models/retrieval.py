@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .embeddings import ImageEmbeddings, TextEmbeddings
 from .heads import GroundingHead, ItcHead, MlmHead, MrfrHead, Pooler
 from .image_encoder import ImageEncoder, ImageTokens
@@ -195,9 +196,34 @@ class RetrievalModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "RetrievalModel":
-        """Rebuilds from config.json (backbone_file is not read: all weights come from the safetensors)."""
+        """Rebuilds from config.json (backbone_file is not read: all weights come from the safetensors).
+        A bad config.json or weights file is a ConfigError naming the file."""
         directory = Path(directory)
-        config = ModelConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
-        model = cls(config, load_backbone_weights=False)
-        load_model(model, str(directory / WEIGHTS_NAME), strict=True)
+        model = cls(read_model_config(directory / CONFIG_NAME), load_backbone_weights=False)
+        weights = directory / WEIGHTS_NAME
+        try:
+            load_model(model, str(weights), strict=True)
+        except SafetensorError as exc:
+            raise ConfigError(f"{weights}: not a readable safetensors file ({exc})") from None
+        except RuntimeError as exc:   # safetensors' strict key check
+            raise ConfigError(f"{weights}: its weights do not match {CONFIG_NAME} ({_first_line(exc)})") from None
         return model
+
+
+def read_model_config(file: Path) -> ModelConfig:
+    """The ModelConfig of a config.json; anything wrong with the file is a ConfigError naming it."""
+    try:
+        return ModelConfig.from_dict(json.loads(file.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: unreadable ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{file}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: {exc}") from None
+    except TypeError as exc:   # a field of the wrong type reaching the dataclass
+        raise ConfigError(f"{file}: {exc}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -1,10 +1,12 @@
 """Import UNITER / IAIS checkpoints (public UNITER state-dict layout) into a features-mode RetrievalModel."""
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .config import ConfigError, ImageEncoderConfig, ModelConfig
 from .retrieval import RetrievalModel
@@ -55,16 +57,30 @@ def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _read(path_or_state_dict) -> dict[str, torch.Tensor]:
-    if isinstance(path_or_state_dict, dict):
-        return dict(path_or_state_dict)
-    path = Path(path_or_state_dict)
+    """The state dict of a UNITER checkpoint: a dict as given, or a file read without unpickling code
+    (safetensors, or torch.load(weights_only=True): tensors and plain values only)."""
+    state = path_or_state_dict if isinstance(path_or_state_dict, dict) else _read_file(Path(path_or_state_dict))
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ConfigError(f"not a UNITER checkpoint: it holds a {type(state).__name__}, not a state dict")
+    return dict(state)
+
+
+def _read_file(path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"UNITER checkpoint {path} does not exist: give the path of a .pt file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, never arbitrary pickles
-    return state.get("model", state) if isinstance(state, dict) else state
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        raise ConfigError(f"{path}: refused to load: it contains {found.group(1) if found else 'an object'} "
+                          "which could run code; only tensors and plain values are loaded") from None
+    except (EOFError, RuntimeError, ValueError, OSError, SafetensorError) as exc:   # truncated or corrupt
+        raise ConfigError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'empty'})") from None
 
 
 def uniter_config(state: dict[str, torch.Tensor], img_dim: int) -> ModelConfig:

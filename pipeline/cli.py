@@ -98,18 +98,25 @@ def main(stage: str, argv: Optional[list[str]] = None) -> int:
 
 def run(stage: str, config_path: str, overrides: list[str], ds_path: str) -> int:
     """Config and DeepSpeed JSON first (a user error ends here with exit 2, before any process-group work),
-    then the stage's Python API."""
+    then the stage's Python API. A preemption signal (pipeline.stopping) ends the stage early with a
+    complete checkpoint; the exit code then says whether the job was requeued."""
+    from pipeline.stopping import exit_after_stop, process_flag
     from pipeline.train.runtime import prepare
     cfg, ds = prepare(stage, config_path, overrides, ds_path)
+    stop = process_flag()
     if stage == "finetune":
         from pipeline.train.finetune import finetune as train_stage
         if cfg.model.pretrain_config:
             from pipeline.train.stages import ensure_pretrained
-            ensure_pretrained(cfg, ds_path)
+            ensure_pretrained(cfg, ds_path, stop)
     else:
         from pipeline.train.pretrain import pretrain as train_stage
-    train_stage(cfg, ds)
-    return 0
+    if stop.honoured is None:
+        train_stage(cfg, ds, stop)
+    if stop.honoured is None:
+        return 0
+    from pipeline import distributed as dist_utils
+    return exit_after_stop(stage, stop.honoured, dist_utils.is_main())
 
 
 def _print_config(stage: str, config: str, overrides: list[str], ds_path: str) -> int:

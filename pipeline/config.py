@@ -14,7 +14,8 @@ The scheduler's ``total_num_steps`` always comes from ``train.steps``. ``bf16.en
 once, in :func:`resolve_ds_config`, from the accelerator: bf16 on a GPU that supports it, fp32 on CPU.
 
 The whole schema lives here (data, model, train, finetune, pretrain, eval, tracking, checkpoint, and the
-synthetic data's section) with every check, importing nothing of torch and no pipeline module but errors.
+synthetic data's section) with every check, importing nothing of torch and no pipeline module but errors
+(and, when a split's manifest is counted, the manifest reader of pipeline.data.shards).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from pipeline.errors import UserError
 Auto = Literal["auto"]
 ALIGNMENTS = ("singular", "distributed", "congruence")   # IAIS alignments (models.iais.ALIGNMENTS)
 SIDES = ("L", "V")                                       # ISD sides reported by evaluation
+ZERO_STAGES = (0, 1, 2, 3)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = REPO_ROOT / ".cache" / "relalign"
 
@@ -138,11 +140,16 @@ class TrackingConfig:
     experiment_name: str = "relalign"
     run_name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
-    queue_size: int = 10000          # pending log calls before the oldest metrics are dropped
+    queue_size: int = 10000          # pending log calls before the oldest metrics are spooled
     http_timeout_s: int = 5          # MLFLOW_HTTP_REQUEST_TIMEOUT (whole seconds, MLflow reads an int)
     http_max_retries: int = 0        # MLFLOW_HTTP_REQUEST_MAX_RETRIES
     retry_interval_s: float = 30.0   # pause after a failed call before talking to the server again
     close_timeout_s: float = 60.0    # bound on the final flush (artifacts included)
+    # what cannot be sent (server down or hanging, queue full) goes to <output_dir>/mlflow_spool.jsonl and is
+    # replayed into the run when the server answers again (or: python -m pipeline.tracking replay FILE); False: dropped
+    spool: bool = True
+    # each node's first rank samples CPU/memory/GPU into system/node<k>/... every this many seconds; 0: off
+    system_metrics_interval_s: float = 10.0
 
     def validate(self, where: str = "tracking") -> None:
         positive = {"queue_size": self.queue_size, "http_timeout_s": self.http_timeout_s,
@@ -150,7 +157,7 @@ class TrackingConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise UserError(f"{where}.{name}: must be > 0, got {value!r}")
-        for name in ("http_max_retries", "retry_interval_s"):
+        for name in ("http_max_retries", "retry_interval_s", "system_metrics_interval_s"):
             if getattr(self, name) < 0:
                 raise UserError(f"{where}.{name}: must be >= 0, got {getattr(self, name)!r}")
         if not self.experiment_name.strip():
@@ -209,6 +216,7 @@ class TrainConfig:
     log_every: int = 10
     val_every: int = 0                    # 0: validate only at the end
     threads: int = 0                      # torch threads per rank; 0: cores / local ranks
+    nonfinite: Literal["stop", "skip"] = "stop"    # a NaN/Inf loss: stop before the update, or skip that step
     collective_timeout_s: Optional[float] = None   # process-group timeout; None: $DEEPSPEED_TIMEOUT min, else 10 min
 
 
@@ -329,8 +337,10 @@ class EvalConfig:
         bad = [s for s in self.isd_sides if s not in SIDES]
         if bad:
             raise UserError(f"eval.isd_sides contains {bad}: use any of {list(SIDES)}")
-        if not isinstance(self.pictures, int) or self.pictures < 0:
-            raise UserError(f"eval.pictures={self.pictures!r}: give an int >= 0")
+        for name in ("pictures", "val_max_images", "val_captions_per_image"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise UserError(f"eval.{name}={value!r}: give an int >= 0")
 
 
 @dataclass
@@ -494,6 +504,8 @@ def _read_yaml(path: Path) -> dict:
         raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" (line {mark.line + 1})" if mark is not None else ""
@@ -557,6 +569,8 @@ def _at_least(value, low, key: str, hint: str) -> None:
 def _check_values(cfg: ExperimentConfig) -> None:
     """Every value rule that needs no file, model or accelerator (those follow in runtime.prepare)."""
     check_loader_values(cfg.data, "data.")
+    _at_least(cfg.data.vocab_size, SPECIAL_TOKENS + 1, "data.vocab_size",
+              f"the tokenizer holds {SPECIAL_TOKENS} special tokens and at least one word")
     _check_train(cfg.train)
     _check_finetune(cfg.finetune)
     _check_pretrain(cfg)
@@ -578,6 +592,7 @@ LOADER_MINIMUMS = {
     "shuffle_buffer": (1, "give the samples held for shuffling (1: stream order)"),
     "max_regions": (1, "give the image regions kept per image"),
 }
+SPECIAL_TOKENS = 5   # [PAD] [UNK] [CLS] [SEP] [MASK] (pipeline.data.tokenizer.SPECIAL_PIECES)
 
 
 def check_loader_values(section, prefix: str) -> None:
@@ -613,6 +628,8 @@ def _check_finetune(ft: FinetuneConfig) -> None:
     _at_least(ft.margin, 0, "finetune.margin", "give the hinge margin (0.2 in the paper)")
     _at_least(ft.itc_weight, 0, "finetune.itc_weight", "give a weight, or 0 for no ITC term")
     _at_least(ft.grounding_weight, 0, "finetune.grounding_weight", "give a weight, or 0 for no grounding term")
+    _at_least(ft.bce_weight, 0, "finetune.bce_weight", "give a weight, or 0 for no BCE term")
+    _at_least(ft.hard_start_step, 0, "finetune.hard_start_step", "give the first step of hard negatives (0: at once)")
     _at_least(ft.iais.weight, 0, "finetune.iais.weight", "give a weight, or 0 (or iais.alignment: none) for no IAIS")
     _need(all(isinstance(x, int) and not isinstance(x, bool) for x in ft.iais.layers),
           f"config 'finetune.iais.layers' = {ft.iais.layers} must be a list of layer indices")
@@ -639,11 +656,18 @@ def resolve_path(p: str | Path) -> Path:
     return path if path.is_absolute() else Path.cwd() / path
 
 
+def is_remote(spec: str) -> bool:
+    """A shard spec that webdataset opens itself (a URL or a ``pipe:`` command), never a local path."""
+    return spec.startswith("pipe:") or "://" in spec
+
+
 def split_path(cfg: ExperimentConfig, split: str) -> Optional[str]:
     """Shards location of ``split`` (train/val/test): explicit data.<split>, else <root>/<split>."""
     explicit = getattr(cfg.data, split)
     if explicit:
         return explicit
+    if cfg.data.root and is_remote(cfg.data.root):
+        return cfg.data.root.rstrip("/") + f"/{split}/"   # a directory URL; never a local path
     root = data_root(cfg)
     return str(root / split) if root is not None else None
 
@@ -658,52 +682,25 @@ def data_root(cfg: ExperimentConfig) -> Optional[Path]:
     return None
 
 
-def _is_remote(spec: str) -> bool:
-    return "://" in spec or spec.startswith("pipe:")
+def check_layer_indices(layers: list[int], num_layers: int, what: str) -> None:
+    """UserError naming ``what`` unless every index in ``layers`` is a layer of a ``num_layers``-layer model."""
+    bad = [layer for layer in layers if not -num_layers <= layer < num_layers]
+    if bad:
+        raise UserError(f"{what}: {bad} outside the model's layers -{num_layers}..{num_layers - 1}; "
+                        f"use indices within them (-1: the last)")
 
 
-def check_shards_exist(spec: str, field_name: str) -> None:
-    """UserError unless ``spec`` (directory, manifest, tar or brace pattern) names existing local shards."""
-    if _is_remote(spec):
-        return
-    path = resolve_path(spec)
-    if path.is_dir():
-        if not (path / "manifest.json").is_file() and not any(path.glob("*.tar")):
-            raise UserError(f"config '{field_name}' = {spec}: the directory holds no manifest.json or .tar shards")
-        return
-    if "{" in spec:
-        import braceexpand
-        missing = [p for p in braceexpand.braceexpand(str(path)) if not Path(p).is_file()]
-        if missing:
-            raise UserError(f"config '{field_name}' = {spec}: shard {missing[0]} does not exist "
-                            f"({len(missing)} missing); check the path or build the shards first")
-        return
-    if not path.is_file():
-        raise UserError(f"config '{field_name}' = {spec}: no such shard directory, manifest or tar file")
-
-
-def validate_paths(cfg: ExperimentConfig, stage: Literal["pretrain", "finetune"]) -> None:
-    """Shard paths must exist unless the synthetic dataset will be built into them."""
-    builds = cfg.data.synthetic is not None
-    if stage == "pretrain" and cfg.pretrain.sources:
-        for i, s in enumerate(cfg.pretrain.sources):
-            check_shards_exist(s.shards, f"pretrain.sources[{i}].shards")
-    splits = ["train"] if stage == "pretrain" and not cfg.pretrain.sources else []
-    if stage == "finetune":
-        splits = ["train", "val"] + (["test"] if cfg.eval.test else [])
-    for split in splits:
-        spec = split_path(cfg, split)
-        if spec is None:
-            raise UserError(f"config 'data.{split}' is not set; give the {split} shards (or data.root)")
-        if builds and getattr(cfg.data, split) is None:
-            continue
-        check_shards_exist(spec, f"data.{split}" if getattr(cfg.data, split) else f"data.root ({split}/)")
-    if cfg.data.tokenizer and not resolve_path(cfg.data.tokenizer).is_file():
-        raise UserError(f"config 'data.tokenizer' = {cfg.data.tokenizer}: no such file; give a .model or vocab .txt")
-    if cfg.data.relations:
-        check_shards_exist(cfg.data.relations, "data.relations")
-    if cfg.model.init and not cfg.model.pretrain_config and not resolve_path(cfg.model.init).exists():
-        raise UserError(f"config 'model.init' = {cfg.model.init}: no such checkpoint or save_pretrained directory")
+def check_output_dir(path: str | Path, what: str) -> None:
+    """UserError naming ``what`` unless ``path`` is a directory, or can be made one, that this process can write:
+    checked before the work whose results go there."""
+    target = resolve_path(path)
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{what} {path}: exists and is not a directory; give a directory (or a new path)")
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{what} {path}: {existing} is a file, not a directory; give another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: {existing} is not writable; give a directory you can write")
 
 
 # ----------------------------------------------------------------------------- DeepSpeed JSON
@@ -714,6 +711,8 @@ def read_ds_config(path: str | Path) -> dict:
         raise UserError(f"--deepspeed_config {path}: no such file (see ds_configs/zero0..3.json)")
     try:
         ds = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--deepspeed_config {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"--deepspeed_config {path} is not valid JSON (line {exc.lineno}): fix its syntax") from None
     if not isinstance(ds, dict):
@@ -764,17 +763,20 @@ def resolve_ds_config(ds: dict, cfg: ExperimentConfig, world_size: int, accelera
     opt = ds.get("optimizer")
     if not isinstance(opt, dict) or str(opt.get("type", "")).lower() not in ("adamw", "adam"):
         raise UserError(f"{src}: 'optimizer' must be {{\"type\": \"AdamW\", \"params\": {{...}}}}")
-    params = opt.setdefault("params", {})
+    params = _json_object(opt.setdefault("params", {}), "optimizer.params", src)
     lr = _merge(params.get("lr"), tr.lr, "optimizer.params.lr", "train.lr", src)
+    if not _is_number(lr) or lr <= 0:
+        raise UserError(f"{src}: optimizer.params.lr = {lr!r} must be a number > 0")
     params["lr"] = float(lr)
 
     clip = _merge(ds.get("gradient_clipping"), tr.grad_clip, "gradient_clipping", "train.grad_clip", src,
                   default=1.0)
-    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
+    if not _is_number(clip) or clip < 0:
         raise UserError(f"{src}: gradient_clipping = {clip!r} must be a number >= 0 (0: no clipping)")
     ds["gradient_clipping"] = float(clip)
     warmup = _resolve_scheduler(ds, tr, params["lr"], src)
     _resolve_precision(ds, accelerator, src, bf16_supported)
+    _check_zero(ds, src)
     tr.micro_batch_size, tr.grad_accum, tr.lr, tr.warmup_steps = mbs, gas, float(lr), int(warmup)
     tr.grad_clip = float(clip)
     return ds
@@ -797,10 +799,13 @@ def _resolve_scheduler(ds: dict, tr: TrainConfig, lr: float, src: str) -> int:
     kind = _merge(_SCHEDULERS.get(stype, "auto"), tr.lr_schedule, f"scheduler.type ({stype})",
                   "train.lr_schedule", src, default="cosine")
     sched["type"] = {v: k for k, v in _SCHEDULERS.items()}[kind]
-    sp = sched.setdefault("params", {})
+    sp = _json_object(sched.setdefault("params", {}), "scheduler.params", src)
     warmup = _merge(sp.get("warmup_num_steps"), tr.warmup_steps, "scheduler.params.warmup_num_steps",
                     "train.warmup_steps", src)
-    sp["warmup_num_steps"] = int(warmup)
+    if not _is_int(warmup) or warmup < 0:
+        raise UserError(f"{src}: scheduler.params.warmup_num_steps = {warmup!r} must be an integer >= 0")
+    # DeepSpeed's schedulers reject 0 warmup steps; 1 is their shortest warmup (they stretch it to 2 anyway)
+    sp["warmup_num_steps"] = max(1, warmup)
     total = sp.get("total_num_steps", "auto")
     if total not in ("auto", None) and total != tr.steps:
         raise UserError(f"{src} sets scheduler.params.total_num_steps={total} but config 'train.steps' = "
@@ -823,13 +828,38 @@ def _resolve_scheduler(ds: dict, tr: TrainConfig, lr: float, src: str) -> int:
 
 
 def _resolve_precision(ds: dict, accelerator: str, src: str, bf16_supported: bool) -> None:
-    bf16 = ds.setdefault("bf16", {"enabled": False})
+    bf16 = _json_object(ds.setdefault("bf16", {"enabled": False}), "bf16", src)
+    fp16 = _json_object(ds.get("fp16", {}), "fp16", src)
+    for name, section in (("bf16", bf16), ("fp16", fp16)):
+        if section.get("enabled", False) not in (True, False, "auto"):
+            raise UserError(f"{src}: {name}.enabled = {section['enabled']!r} must be true, false or \"auto\"")
     if bf16.get("enabled") == "auto":
         bf16["enabled"] = accelerator != "cpu" and bf16_supported
-    fp16 = ds.get("fp16", {})
     if fp16.get("enabled") == "auto":
         fp16["enabled"] = False
     if accelerator == "cpu" and (bf16.get("enabled") is True or fp16.get("enabled") is True):
         raise UserError(f"{src} enables bf16/fp16 but this run is on CPU: set bf16.enabled to \"auto\" or false")
     if bf16.get("enabled") is True and fp16.get("enabled") is True:
         raise UserError(f"{src} enables both bf16 and fp16: keep one")
+
+
+def _check_zero(ds: dict, src: str) -> None:
+    zero = _json_object(ds.get("zero_optimization", {}), "zero_optimization", src)
+    stage = zero.get("stage", 0)
+    if not _is_int(stage) or stage not in ZERO_STAGES:
+        raise UserError(f"{src}: zero_optimization.stage = {stage!r}; use one of {', '.join(map(str, ZERO_STAGES))}")
+
+
+def _json_object(value, key: str, src: str) -> dict:
+    """``value`` (the DeepSpeed JSON's ``key``) if it is a JSON object, else a UserError naming the key."""
+    if not isinstance(value, dict):
+        raise UserError(f"{src}: {key} = {json.dumps(value)} must be a JSON object ({{...}})")
+    return value
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

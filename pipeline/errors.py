@@ -20,5 +20,6 @@ def exit_code_of(action: Callable[[], object]) -> int:
         result = action()
         return result if isinstance(result, int) else 0
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        one_line = " ".join(str(exc).split())   # a message quoting a file or a parser may hold newlines
+        print(f"error: {one_line}", file=sys.stderr, flush=True)
         return exc.exit_code

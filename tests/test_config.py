@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config, read_ds_config, resolve_ds_config, validate_paths
+from pipeline.config import load_config, read_ds_config, resolve_ds_config
+from pipeline.data.paths import validate_paths
 from pipeline.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent

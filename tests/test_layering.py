@@ -1,5 +1,5 @@
 """The layering of DESIGN.md, read from the source with ast: models/ is pure torch, DeepSpeed lives in
-pipeline/train/, MLflow in pipeline/tracking.py, the config schema imports no torch, and no import cycles."""
+pipeline/train/, MLflow in pipeline/tracking/, the config schema imports no torch, and no import cycles."""
 from __future__ import annotations
 
 import ast
@@ -50,7 +50,7 @@ def test_deepspeed_only_in_train_and_mlflow_only_in_tracking():
         if "deepspeed" in used:
             assert module.startswith("pipeline.train"), module
         if "mlflow" in used:
-            assert module == "pipeline.tracking", module
+            assert module == "pipeline.tracking" or module.startswith("pipeline.tracking."), module
 
 
 def test_config_schema_imports_no_torch_and_no_pipeline_module_but_errors():

@@ -324,3 +324,45 @@ def test_resume_after_a_worker_ran_dry(tmp_path, tok):
     assert len(full) == 11
     for start in (1, 2, 3, 6):
         assert ids(StreamingLoader(cfg(data, shuffle=False), tok, start_batch=start)) == full[start:]
+
+
+def test_batches_name_their_samples_by_tar_key(split, tok):
+    batch = next(iter(StreamingLoader(cfg(split, batch_size=4), tok)))
+    assert [stable_id(k) for k in batch["keys"]] == batch["image_id"].tolist()
+
+
+def test_a_shard_deleted_mid_epoch_is_counted_and_the_epoch_ends(tmp_path, tok):
+    data = write_split(tmp_path / "vanish", [6, 6, 6, 6])
+    loader = StreamingLoader(cfg(data, batch_size=3, num_workers=0), tok)
+    batches = iter(loader)
+    first = next(batches)
+    # the shuffle buffer (8) may already hold an open second shard: delete two the first batch did not touch
+    touched = {int(key.rsplit("-", 1)[1]) // 6 for key in first["keys"]}
+    for shard in [s for s in range(4) if s not in touched][:2]:
+        (data / f"{shard:05d}.tar").unlink()
+    rest = list(batches)
+    assert len(rest) + 1 == loader.batches_per_epoch   # the stream wraps to fill its count: no hang, no crash
+    assert loader.skipped.get("unreadable_shard", 0) >= 1
+
+
+def _children() -> set[int]:
+    pids: set[int] = set()
+    for task in Path("/proc/self/task").iterdir():
+        pids |= {int(p) for p in (task / "children").read_text().split()}
+    return pids
+
+
+def test_a_killed_data_worker_is_an_error_within_seconds_not_a_hang(split, tok):
+    import os
+    import signal
+    import time
+    before = _children()
+    batches = iter(StreamingLoader(cfg(split, batch_size=2, num_workers=1), tok))
+    next(batches)
+    for pid in _children() - before:
+        os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="DataLoader worker"):
+        for _ in range(10_000):
+            next(batches)
+    assert time.monotonic() - start < 30

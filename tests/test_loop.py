@@ -256,3 +256,56 @@ def test_progress_prints_plain_lines_when_not_a_terminal(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and lines[0].startswith("[finetune] step 3/10 loss=0.5000 samples_per_s=12.0 ")
     assert "\r" not in lines[0]
+
+
+# ----------------------------------------------------------------------------- non-finite loss
+
+class NanAtStep(RecordingStep):
+    """Loss NaN for the batch numbered ``bad``; the batches carry sample keys."""
+
+    def __init__(self, bad: int) -> None:
+        super().__init__()
+        self.bad = bad
+
+    def __call__(self, batch: dict, step: int, generator: torch.Generator):
+        loss, scalars = super().__call__(batch, step, generator)
+        if int(batch["input_ids"][0, 0]) == self.bad:
+            return torch.tensor(float("nan")), {"loss": float("nan")}
+        return loss, scalars
+
+
+def keyed_hooks(step_fn) -> loop.StageHooks:
+    stream = FakeStream()
+
+    def next_batch(step: int, micro: int) -> dict:
+        batch = next(stream)
+        n = int(batch["input_ids"][0, 0])
+        return {**batch, "image_id": torch.tensor([n, n]), "keys": [f"shard0/{n:04d}a", f"shard0/{n:04d}b"]}
+
+    return loop.StageHooks(step_fn=step_fn, next_batch=next_batch, save=lambda step: "t",
+                           skipped=lambda: stream.skipped)
+
+
+def test_a_nan_loss_stops_the_run_before_its_update_naming_the_samples(tmp_path):
+    run, engine = make_run(tmp_path), FakeEngine()
+    with pytest.raises(loop.NonFiniteLoss, match=r"step 3: the loss is not finite.*shard0/0002a, shard0/0002b"):
+        loop.train(run, engine, keyed_hooks(NanAtStep(bad=2)), FakeTracker(), start_step=0)
+    assert engine.calls == ["train"] + ["backward", "step"] * 2   # step 3's update never ran
+
+
+def test_with_nonfinite_skip_the_step_is_skipped_counted_and_the_run_goes_on(tmp_path, capsys):
+    run, engine = make_run(tmp_path, "train.nonfinite=skip"), FakeEngine()
+    result = loop.train(run, engine, keyed_hooks(NanAtStep(bad=2)), FakeTracker(), start_step=0)
+    assert result.step == 4 and engine.calls == ["train"] + ["backward", "step"] * 3
+    rows = jsonl_rows(run)
+    assert rows[2]["nonfinite_skipped_steps"] == 1.0 and "loss" not in rows[2]   # the NaN is never logged
+    assert [r["loss"] for r in rows if "loss" in r] == [0.0, 1.0, 3.0]
+    assert "step 3: non-finite loss skipped (no update); samples: shard0/0002a, shard0/0002b" in capsys.readouterr().out
+
+
+def test_nonfinite_skip_with_gradient_accumulation_is_refused_before_any_step(tmp_path):
+    from pipeline.errors import UserError
+    run, engine = make_run(tmp_path, "train.nonfinite=skip", "train.grad_accum=2"), FakeEngine()
+    with pytest.raises(UserError, match="train.nonfinite=skip needs one micro-batch per step"):
+        loop.train(run, engine, keyed_hooks(NanAtStep(bad=2)), FakeTracker(), start_step=0)
+    assert engine.calls == []

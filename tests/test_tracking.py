@@ -116,9 +116,11 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_dead_server_never_stalls_and_warns_once(tmp_path, caplog):
+@pytest.mark.parametrize("spool", [True, False])
+def test_dead_server_never_stalls_and_warns_once(tmp_path, caplog, spool):
+    """With the spool (default) nothing is dropped: a full queue spills to it too; without it, as before."""
     caplog.set_level(logging.INFO, logger="relalign.tracking")
-    cfg = TrackingConfig(tracking_uri=f"http://127.0.0.1:{_closed_port()}", queue_size=100)
+    cfg = TrackingConfig(tracking_uri=f"http://127.0.0.1:{_closed_port()}", queue_size=100, spool=spool)
     start = time.monotonic()
     tracker = Tracker.create(cfg, True, tmp_path)
     tracker.log_params({"a": 1})
@@ -130,8 +132,14 @@ def test_dead_server_never_stalls_and_warns_once(tmp_path, caplog):
     assert logged < 1.0, logged
     assert total < 5.0, total
     assert len(_unreachable_warnings(caplog)) == 1
-    assert tracker.stats["dropped_metrics"] == 2000
     assert tracker.run_id is None
+    if spool:
+        assert tracker.stats["dropped_metrics"] == 0 and tracker.stats["spooled_metrics"] == 2000
+        lines = (tmp_path / "mlflow_spool.jsonl").read_text().splitlines()
+        assert json.loads(lines[0])["op"] == "run" and json.loads(lines[-1]) == {"op": "end", "status": "FINISHED"}
+    else:
+        assert tracker.stats["dropped_metrics"] == 2000
+        assert not (tmp_path / "mlflow_spool.jsonl").exists()
 
 
 def test_silent_server_close_is_time_bounded(tmp_path, caplog):

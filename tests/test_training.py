@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,7 +106,10 @@ def test_finetune_zero2_two_ranks_logs_to_mlflow(tiny_data, mlflow_server, tmp_p
     assert (run_dir / "model" / "model.safetensors").is_file()
     assert list((run_dir / "pictures" / "test").glob("attention_*.png"))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"configs", "model", "pictures"} <= artifacts, artifacts
+    assert {"configs", "pictures"} <= artifacts, artifacts
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert len(models) == 1 and models[0].status == "READY"   # the export is the run's logged model
+    assert {a.path for a in client.list_logged_model_artifacts(models[0].model_id)} >= {"model.safetensors"}
 
 
 @pytest.mark.slow
@@ -197,32 +199,6 @@ def test_pretrain_zero3_two_ranks_logs_task_losses(tiny_data, mlflow_server, tmp
     from models import RetrievalModel
     model = RetrievalModel.from_pretrained(run_dir / "model")
     assert (run_dir / "model" / "tokenizer.model").is_file() and model.config.hidden_size == 32
-
-
-@pytest.mark.slow
-def test_resume_gives_the_same_losses(tiny_data, tmp_path):
-    full = tmp_path / "full"
-    sets = common_sets(tiny_data, full, None, steps=6) + ["checkpoint.every=3", "checkpoint.export=false",
-                                                          "eval.test=false"]
-    launch("finetune", "zero2", sets)
-    # a run interrupted after step 3: its checkpoint directory as it was then
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints" / "step0000003", resumed / "checkpoints" / "step0000003")
-    (resumed / "checkpoints" / "latest").write_text("step0000003")
-    launch("finetune", "zero2", common_sets(tiny_data, resumed, None, steps=6)
-           + ["checkpoint.every=3", "checkpoint.export=false", "eval.test=false", "checkpoint.resume=true"])
-    a, b = step_losses(full), step_losses(resumed)
-    assert sorted(b) == [4, 5, 6]
-    for step in (4, 5, 6):
-        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-9), (step, a, b)
-    # the same run_dir with another training config: refused before any process-group work, keys named
-    cmd = [sys.executable, "launch/finetune.py", "--deepspeed_config", "ds_configs/zero2.json"]
-    for s in common_sets(tiny_data, resumed, None, steps=6) + ["checkpoint.resume=auto", "finetune.margin=0.3"]:
-        cmd += ["--set", s]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "finetune.margin: 0.2 -> 0.3" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow

@@ -5,20 +5,22 @@ nothing is ever unpickled (npz is loaded with allow_pickle=False; .pyd/.pickle m
 """
 from __future__ import annotations
 
-import tarfile
-
 import hashlib
 import io
 import json
+import tarfile
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MEMBER_EXTS = frozenset(IMAGE_EXTS + ("txt", "json", "npz"))
+_EXIF_ORIENTATION = 0x0112
+_QUARTER_TURNS = (5, 6, 7, 8)   # EXIF orientations that swap width and height
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
              "lanczos": Image.LANCZOS, "box": Image.BOX}
 
@@ -86,19 +88,35 @@ def captions_of(sample: dict[str, Any], meta: dict) -> list[str]:
 
 
 def decode_image(data: bytes, spec: DecodeSpec) -> tuple[np.ndarray, tuple[int, int]]:
-    """HWC uint8 of size image_size^2 and the stored (width, height)."""
+    """HWC uint8 RGB of size image_size^2 and the stored (width, height), upright.
+
+    Any mode becomes RGB (grayscale, palette, CMYK, RGBA with its alpha dropped; 16-bit keeps its top 8 bits)
+    and the EXIF orientation is applied, so the stored size is the upright one. An image of more than
+    PIL's ``Image.MAX_IMAGE_PIXELS`` is refused before its pixels are decoded (a decompression bomb)."""
     size = spec.image_size
     try:
-        img = Image.open(io.BytesIO(data))
-        stored = img.size
-        if img.format == "JPEG" and min(stored) >= 2 * size:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+        stored = img.size[::-1] if orientation in _QUARTER_TURNS else img.size
+        if img.format == "JPEG" and min(img.size) >= 2 * size:
             img.draft("RGB", (size, size))  # DCT-domain downscale; result stays >= size on both sides
-        img = img.convert("RGB")
+        img = to_rgb(ImageOps.exif_transpose(img) if orientation != 1 else img)
         if img.size != (size, size):
             img = img.resize((size, size), _RESAMPLE.get(spec.interpolation, Image.BICUBIC))
         return np.asarray(img), stored
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadSample("bad_image") from exc
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB of any PIL mode; 16/32-bit integer images are scaled to 8 bits instead of clipped at 255."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        wide = np.asarray(img).astype(np.int64)
+        top = 65535 if img.mode.startswith("I;16") or wide.max(initial=0) <= 65535 else wide.max()
+        img = Image.fromarray((np.clip(wide, 0, top) * 255 // max(top, 1)).astype(np.uint8), mode="L")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _image_bytes(sample: dict[str, Any]) -> bytes:
@@ -222,6 +240,7 @@ def decode_train_sample(sample: dict[str, Any], tokenizer, spec: DecodeSpec, see
         out.update(encode_swap(tokenizer, meta, captions[cap_index], cap_index, spec,
                                stable_id(f"swap/{seed}/{epoch}/{key}")))
     out["image_id"] = stable_id(key)
+    out["key"] = key
     return out
 
 
@@ -299,6 +318,8 @@ def collate(samples: list[dict], spec: DecodeSpec) -> dict[str, torch.Tensor]:
     batch = collate_text(samples)
     batch.update(collate_image(samples, spec))
     batch["image_id"] = torch.tensor([s["image_id"] for s in samples], dtype=torch.long)
+    if "key" in samples[0]:
+        batch["keys"] = [s["key"] for s in samples]   # named in errors (e.g. a non-finite loss)
     if "object_centres" in samples[0]:
         batch.update(collate_grounding(samples, batch["word_to_region"]))
     if "swap_ids" in samples[0]:

@@ -11,10 +11,12 @@ import webdataset as wds
 
 from pipeline.data.decode import (BadSample, SkipCounter, captions_of, collate_image, decode_image_part,
                                   encode_caption, parse_meta, select_member)
-from pipeline.data.shards import resolve_shards
+from pipeline.config import is_remote
+from pipeline.data.shards import MANIFEST_NAME, read_beside, resolve_shards
 from pipeline.errors import UserError
 
 
+QUADRUPLES_NAME = "quadruples.json"
 IMAGE_FIELDS = ("pixels", "boxes", "region_mask", "region_pos", "region_feat")
 
 
@@ -200,14 +202,14 @@ def object_boxes(objects: list[dict], size: tuple[float, float]) -> torch.Tensor
 
 # ----------------------------------------------------------------------------- reading a split into memory
 
-def _quadruple_rows(path: Path, data: EvalData) -> list[tuple[int, int, int, int]]:
+def _quadruple_rows(raw: bytes, where: str, data: EvalData) -> list[tuple[int, int, int, int]]:
     """quadruples.json entries (image0/caption0/image1/caption1 as key and caption text) as row indices;
-    entries naming an image or caption the split does not hold are dropped."""
+    entries naming an image or caption the split does not hold are dropped. ``where``: its location."""
     try:
-        quads = json.loads(path.read_text(encoding="utf-8"))
+        quads = json.loads(raw.decode("utf-8"))
         assert isinstance(quads, list)
-    except (OSError, ValueError, AssertionError) as exc:
-        raise UserError(f"{path}: unreadable quadruples ({exc!r}); regenerate the synthetic test split") \
+    except (ValueError, AssertionError) as exc:
+        raise UserError(f"{where}: unreadable quadruples ({exc!r}); regenerate the synthetic test split") \
             from exc
     index, caption_rows = data.image_rows(), data.caption_rows()
     out = []
@@ -222,7 +224,7 @@ def _quadruple_rows(path: Path, data: EvalData) -> list[tuple[int, int, int, int
 
 
 def load_eval_split(path: str, tokenizer, cfg) -> EvalData:
-    """Read every sample of the split at `path` (directory, manifest or pattern) in shard order.
+    """Read every sample of the split at `path` (any shard spec, local or remote) in shard order.
 
     `cfg` is a LoaderConfig (image size, normalisation, text length, image mode). Unreadable samples are
     skipped and counted in ``EvalData.skipped``; a ``quadruples.json`` beside the shards is resolved.
@@ -258,7 +260,10 @@ def load_eval_split(path: str, tokenizer, cfg) -> EvalData:
                     token_objects=[list(t["word_to_region"]) for t in texts], object_centres=centres,
                     object_boxes=boxes, token_words=[list(t["word_index"]) for t in texts],
                     skipped=dict(counter.counts))
-    base = Path(path) if Path(path).is_dir() else Path(shards[0].url).parent
-    if (base / "quadruples.json").is_file():
-        data.quadruples = _quadruple_rows(base / "quadruples.json", data)
+    # beside the shards; a local split directory's own file wins (its shards may be links to elsewhere)
+    local_dir = not is_remote(path) and Path(path).is_dir()
+    anchor = str(Path(path) / MANIFEST_NAME) if local_dir else shards[0].url
+    quadruples = read_beside(anchor, QUADRUPLES_NAME)
+    if quadruples is not None:
+        data.quadruples = _quadruple_rows(quadruples, f"{QUADRUPLES_NAME} beside {anchor}", data)
     return data

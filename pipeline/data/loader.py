@@ -225,7 +225,8 @@ class _RankStream(IterableDataset):
                     break
             if not batch:
                 raise UserError(f"shards {self.cfg.shards}: no decodable samples left in the stream of "
-                                f"rank {self.rank} worker {worker}; check the skipped counts")
+                                f"rank {self.rank} worker {worker} (skipped: {dict(counter.counts)}); fix or "
+                                f"rewrite the shards")
             ahead.popleft()
             yield collate(batch[:bs], self.cfg.decode_spec()), counter.take()
 
@@ -291,6 +292,8 @@ class StreamingLoader:
             for _ in range(remaining):
                 try:
                     batch, skipped = next(source)
+                except UserError as exc:
+                    raise UserError(_own_message(exc)) from None
                 except StopIteration:
                     raise UserError(f"shards {self.cfg.shards}: the stream of rank {self.rank} ended before "
                                     f"{self.batches_per_epoch} batches (unreadable shards? skipped: "
@@ -303,6 +306,13 @@ class StreamingLoader:
             del source   # shuts the DataLoader workers down
         if self._consumed >= self.batches_per_epoch:
             self.set_epoch(self.epoch + 1)
+
+
+def _own_message(exc: UserError) -> str:
+    """A UserError raised in a DataLoader worker arrives with torch's worker traceback prepended to its message;
+    the user's one line is its last part."""
+    text = str(exc)
+    return text.rsplit("UserError: ", 1)[-1].strip() if text.startswith("Caught UserError") else text
 
 
 # ----------------------------------------------------------------------------- the endless training stream

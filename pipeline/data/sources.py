@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import UserError
 from pipeline.data.shards import Sample
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 TABLE_FORMATS = ("csv", "tsv", "jsonl")
+_EXIF_ORIENTATION = 0x0112
 _PASS_THROUGH = {"JPEG": "jpg", "PNG": "png"}
 
 
@@ -57,12 +58,14 @@ def load_image(path: Path, opts: ImageOptions) -> tuple[bytes, str, int, int, fl
     try:
         with Image.open(io.BytesIO(raw)) as img:
             img.load()
-            fmt, (w, h) = img.format, img.size
+            fmt, rotated = img.format, img.getexif().get(_EXIF_ORIENTATION, 1) != 1
+            upright = ImageOps.exif_transpose(img) if rotated else img   # re-encoding drops the EXIF tag
+            w, h = upright.size
             scale = min(1.0, opts.max_side / max(w, h)) if opts.max_side else 1.0
-            if fmt in _PASS_THROUGH and scale == 1.0:
+            if fmt in _PASS_THROUGH and scale == 1.0 and not rotated:
                 return raw, _PASS_THROUGH[fmt], w, h, 1.0
-            rgb = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            rgb = upright.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise UserError(f"cannot decode image {path}: {e}") from None
     if scale < 1.0:
         rgb = rgb.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
@@ -206,10 +209,22 @@ def read_table(path: Path, image_column: str = "image", caption_column: str = "c
 def _csv_rows(path: Path, fmt: str) -> Iterator[tuple[int, dict]]:
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            for i, row in enumerate(csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ","), start=2):
-                yield i, row
+            reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
+            for row in reader:
+                _check_field_count(row, reader.fieldnames, path, reader.line_num, fmt)
+                yield reader.line_num, row
     except (UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"cannot read {fmt.upper()} {path}: {e}") from None
+
+
+def _check_field_count(row: dict, header: list[str], path: Path, line: int, fmt: str) -> None:
+    """A row with more fields than the header is refused: in a CSV it is mostly a caption with an unquoted comma,
+    which would otherwise be cut at that comma."""
+    extra = row.get(None)   # csv.DictReader's key for the fields beyond the header
+    if extra:
+        separator = "tab" if fmt == "tsv" else "comma"
+        raise UserError(f"{path}:{line}: {len(header) + len(extra)} fields but the header has {len(header)} "
+                        f"({', '.join(header)}): quote a value that contains a {separator}")
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:

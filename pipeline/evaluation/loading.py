@@ -14,9 +14,10 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "launch" / "configs" / "demo
 def load_model(path: str, model_config: Optional[str] = None, tag: Optional[str] = None):
     """RetrievalModel from a save_pretrained directory or a DeepSpeed checkpoint directory (fp32)."""
     from models import RetrievalModel
+    from pipeline.train.build import pretrained_model
     model_dir = Path(path)
     if RetrievalModel.is_pretrained_dir(model_dir):
-        return RetrievalModel.from_pretrained(model_dir)
+        return pretrained_model(model_dir, f"--model {path}")
     if not (model_dir / "latest").is_file() and tag is None:
         raise UserError(f"--model {path}: neither a save_pretrained directory (config.json + "
                         "model.safetensors) nor a DeepSpeed checkpoint directory (with a 'latest' file)")
@@ -24,13 +25,21 @@ def load_model(path: str, model_config: Optional[str] = None, tag: Optional[str]
 
 
 def _model_from_checkpoint(model_dir: Path, config_file: Path, tag: Optional[str]):
-    from models import ModelConfig, RetrievalModel
+    """The model of config_file with the fp32 weights of the checkpoint, read by the safe loader."""
+    from models import ConfigError, RetrievalModel
+    from models.retrieval import read_model_config
     from pipeline.train.checkpoint import checkpoint_state_dict   # DeepSpeed's ZeRO reader lives there
-    config = ModelConfig.from_dict(json.loads(config_file.read_text()))
-    model = RetrievalModel(config, load_backbone_weights=False)
-    missing, unexpected = model.load_state_dict(checkpoint_state_dict(model_dir, tag), strict=False)
+    try:
+        model = RetrievalModel(read_model_config(config_file), load_backbone_weights=False)
+    except ConfigError as exc:
+        raise UserError(f"--model {model_dir}: {exc}") from None
+    state = checkpoint_state_dict(model_dir, tag)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:   # a shape mismatch
+        missing, unexpected = [str(exc).strip().splitlines()[-1].strip()], []
     if unexpected or set(missing) - {"mlm_head.decoder.weight"}:
-        raise UserError(f"--model {model_dir}: checkpoint does not match the model config "
+        raise UserError(f"--model {model_dir}: checkpoint does not match the model config {config_file} "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}); "
                         "pass the right --model-config")
     return model
@@ -86,7 +95,8 @@ def check_vocab(tokenizer, model, model_path: str) -> None:
 def resolve_split(shards: Optional[str], relations: Optional[str], progress: bool):
     """(shards spec, demo experiment config or None): ``shards``, else the demo's test split (built on
     first use). Checks that the given splits exist."""
-    from pipeline.config import check_shards_exist, load_config, split_path
+    from pipeline.config import load_config, split_path
+    from pipeline.data.paths import check_shards_exist
     if relations:
         check_shards_exist(relations, "--relations")
     if shards:

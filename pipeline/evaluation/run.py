@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from pipeline import distributed as ddp
+from pipeline.config import check_layer_indices, check_output_dir
 from pipeline.errors import UserError
 from pipeline.evaluation import loading
 from pipeline.evaluation.report import results_table
@@ -64,9 +65,11 @@ def start(job: EvalJob) -> torch.device:
 def run(job: EvalJob, cfg) -> dict[str, float]:
     """Collective. Evaluate ``job`` with the EvalConfig ``cfg``; rank 0 writes and reports the results."""
     from pipeline.evaluation.evaluate import evaluate, relations_split, winoground_on_split
+    check_output_dir(job.out, "--out")
     device = start(job)
-    shards, demo_cfg = loading.resolve_split(job.shards, job.relations, cfg.progress)
     model = loading.load_model(job.model, job.model_config, job.tag).to(device)
+    check_layer_indices([cfg.isd_layer], model.config.num_layers, f"--isd-layer {cfg.isd_layer}")
+    shards, demo_cfg = loading.resolve_split(job.shards, job.relations, cfg.progress)
     tokenizer = loading.find_tokenizer(job.model, job.tokenizer, demo_cfg)
     loading.check_vocab(tokenizer, model, job.model)
     data = loading.load_split(shards, model, tokenizer, job.max_regions)

@@ -1,25 +1,28 @@
 """Data and tokenizer on first use, the model (fresh or from a checkpoint), and loader configs."""
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 from pathlib import Path
 
 import torch
 
-from pipeline.config import DEFAULT_CACHE, ExperimentConfig, data_root, resolve_path
+from pipeline import distributed as dist_utils
+from pipeline.config import DEFAULT_CACHE, ExperimentConfig, data_root, is_remote, resolve_path
 from pipeline.errors import UserError
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.txt")   # beside a save_pretrained model (export writes them)
 
 
 def ensure_data(cfg: ExperimentConfig, progress: bool) -> None:
-    """Build the synthetic dataset when the config asks for it (locked: ranks may race)."""
+    """Collective. Build the synthetic dataset when the config asks for it: global rank 0 builds, the others
+    wait at a barrier (no file locks: a shared filesystem need not honour them)."""
     if cfg.data.synthetic is None:
         return
     from pipeline.data.synthetic import ensure_synthetic_dataset
-    ensure_synthetic_dataset(data_root(cfg), cfg.data.synthetic, progress=progress)
+    if dist_utils.is_main():
+        ensure_synthetic_dataset(data_root(cfg), cfg.data.synthetic, progress=progress)
+    dist_utils.barrier()
 
 
 def tokenizer_path(cfg: ExperimentConfig, stage_sources: list[str]) -> Path:
@@ -31,21 +34,26 @@ def tokenizer_path(cfg: ExperimentConfig, stage_sources: list[str]) -> Path:
         for name in TOKENIZER_FILES:
             if (init / name).is_file():
                 return init / name
-    key = hashlib.sha1(("|".join(str(resolve_path(s)) for s in stage_sources) + f"|{cfg.data.vocab_size}")
+    key = hashlib.sha1(("|".join(_source_key(s) for s in stage_sources) + f"|{cfg.data.vocab_size}")
                        .encode()).hexdigest()[:10]
-    root = data_root(cfg) or DEFAULT_CACHE / "tokenizers"
+    remote_root = bool(cfg.data.root) and is_remote(cfg.data.root)
+    root = (None if remote_root else data_root(cfg)) or DEFAULT_CACHE / "tokenizers"
     return root / f"tokenizer-bpe{cfg.data.vocab_size}-{key}.model"
 
 
+def _source_key(spec: str) -> str:
+    """A shard spec as it names its data: a URL or pipe: command as given, a local path made absolute."""
+    return spec if is_remote(spec) else str(resolve_path(spec))
+
+
 def ensure_tokenizer(cfg: ExperimentConfig, stage_sources: list[str]):
+    """Collective. The run's tokenizer; one trained on the captions is built once (global rank 0; written
+    atomically) while the other ranks wait at a barrier, then reused."""
     from pipeline.data.tokenizer import SentencePieceTokenizer, iter_captions, load_tokenizer
     path = tokenizer_path(cfg, stage_sources)
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(str(path) + ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not path.is_file():
-                SentencePieceTokenizer.train(iter_captions(stage_sources), path, cfg.data.vocab_size)
+    if dist_utils.is_main() and not path.is_file():
+        SentencePieceTokenizer.train(iter_captions(stage_sources), path, cfg.data.vocab_size)
+    dist_utils.barrier()
     return path, load_tokenizer(path)
 
 
@@ -96,15 +104,57 @@ def build_model(cfg: ExperimentConfig, vocab_size: int):
     from models import RetrievalModel
     init = resolve_path(cfg.model.init) if cfg.model.init else None
     if init is not None and RetrievalModel.is_pretrained_dir(init):
-        model = RetrievalModel.from_pretrained(init)
+        model = pretrained_model(init, f"model.init {cfg.model.init}")
     else:
         model = RetrievalModel(model_config(cfg, vocab_size))
         if init is not None:
-            model.load_state_dict(_state_dict_from(init), strict=False)
+            load_init_weights(model, _state_dict_from(init), f"model.init {cfg.model.init}")
     if model.config.vocab_size != vocab_size:
         raise UserError(f"model.init {cfg.model.init} has vocab_size {model.config.vocab_size} but the tokenizer "
                         f"has {vocab_size}: use the tokenizer saved with the model (data.tokenizer)")
     return model
+
+
+def pretrained_model(directory: Path, what: str):
+    """RetrievalModel.from_pretrained(directory); a bad config.json or weights file is a UserError."""
+    from models import ConfigError, RetrievalModel
+    try:
+        return RetrievalModel.from_pretrained(directory)
+    except ConfigError as exc:
+        raise UserError(f"{what}: {exc}") from None
+
+
+TIED_KEYS = {"mlm_head.decoder.weight"}   # the word embeddings under another name; checkpoints may omit it
+
+
+def load_init_weights(model, state: dict, what: str) -> None:
+    """Loads the weights of ``state`` that the model has. Nothing in common or a shape mismatch is a
+    UserError; keys missing on either side are reported (rank 0) and the missing ones keep their init."""
+    own = model.state_dict()
+    common = [k for k in state if k in own]
+    if not common:
+        raise UserError(f"{what}: none of its {len(state)} weights is a weight of this model (its keys: "
+                        f"{_some(list(state))}; the model's: {_some(list(own))}); give a checkpoint of this model")
+    reshaped = [k for k in common if tuple(state[k].shape) != tuple(own[k].shape)]
+    if reshaped:
+        k = reshaped[0]
+        raise UserError(f"{what}: {len(reshaped)} weight(s) have another shape than the model's, e.g. {k} "
+                        f"{tuple(state[k].shape)} vs {tuple(own[k].shape)}; set model.preset/model.overrides "
+                        f"to the size the checkpoint was trained with")
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in TIED_KEYS]
+    if missing or result.unexpected_keys:
+        from pipeline import distributed as dist_utils
+        if dist_utils.is_main():
+            print(f"[init] {what}: loaded {len(common)} of the model's {len(own)} weights; "
+                  f"{len(missing)} missing, kept as initialised: {_some(missing)}; "
+                  f"{len(result.unexpected_keys)} unexpected, ignored: {_some(result.unexpected_keys)}", flush=True)
+
+
+def _some(keys: list[str], shown: int = 8) -> str:
+    if not keys:
+        return "none"
+    return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
 
 
 def _state_dict_from(path: Path) -> dict:
@@ -112,9 +162,21 @@ def _state_dict_from(path: Path) -> dict:
         from pipeline.train.checkpoint import checkpoint_state_dict
         return checkpoint_state_dict(path)
     if path.is_file() and path.suffix in (".pt", ".bin"):
-        from models import load_uniter_checkpoint   # UNITER/IAIS-format checkpoints
-        return load_uniter_checkpoint(str(path)).state_dict()
+        return _uniter_state_dict(path)
     raise UserError(f"model.init {path}: not a save_pretrained dir, DeepSpeed checkpoint dir or UNITER .pt")
+
+
+def _uniter_state_dict(path: Path) -> dict:
+    """The weights of a UNITER/IAIS-format checkpoint, read by the safe loader, as RetrievalModel weights."""
+    from models import ConfigError, load_uniter_checkpoint
+    from pipeline.train import safe_load
+    saved = safe_load.load(path)
+    if not isinstance(saved, dict):
+        raise UserError(f"model.init {path}: holds a {type(saved).__name__}, not a UNITER state dict")
+    try:
+        return load_uniter_checkpoint(saved).state_dict()
+    except ConfigError as exc:
+        raise UserError(f"model.init {path}: {exc}") from None
 
 
 def loader_config(cfg: ExperimentConfig, shards: str, model, batch_size: int, seed_offset: int = 0,

@@ -10,6 +10,7 @@ from pipeline.train import checkpoint as ckpt, loop, runtime as T
 from pipeline.config import ExperimentConfig, split_path
 from pipeline.train.finetune_step import FinetuneStep
 from pipeline.train.negatives import CandidatePool
+from pipeline.train.run_tracking import open_tracker
 from pipeline.train.build import build_model, ensure_data, ensure_tokenizer, loader_config
 from pipeline.data.loader import BatchStream
 from pipeline.evaluation.evaluate import evaluate_split, relations_split, winoground_on_split
@@ -37,10 +38,27 @@ def finetune(cfg: ExperimentConfig, ds_config: dict,
     if result.stopped is not None:
         job.close_stopped(result.stopped)
         return result.last_logged
-    metrics = job.finish()
+    metrics = job.finish(stop)
+    if metrics is None:
+        return result.last_logged
     if run.is_main:
         print(f"[finetune] done in {time.perf_counter() - t_start:.0f} s (process wall time)", flush=True)
     return metrics or result.last_logged
+
+
+FINISH_STATE = "relalign_finish.json"   # beside the final checkpoint: the phases of finish() already done
+
+
+def read_finish_state(run: T.Run, tag: str) -> dict:
+    path = run.ckpt_dir / tag / FINISH_STATE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def write_finish_state(run: T.Run, tag: str, done: dict) -> None:
+    path = run.ckpt_dir / tag / FINISH_STATE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(done, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
 
 
 class FinetuneJob:
@@ -64,7 +82,7 @@ class FinetuneJob:
         pool = CandidatePool.for_config(cfg, mbs)
         self.pool = self.fill_pool(pool, resumed=client is not None)
         self.step_fn = FinetuneStep(cfg, engine.module, self.pool, run.device, cfg.train.steps, forward=engine)
-        self.tracker = T.open_tracker(run, client)
+        self.tracker = open_tracker(run, client)
         self._val_split = None
 
     # ---- data -------------------------------------------------------------------------------------
@@ -123,25 +141,58 @@ class FinetuneJob:
                                      tag="best")
         return metrics
 
-    def finish(self) -> dict[str, float]:
-        """Final save, validation, test and export; returns the test metrics ({} without a test)."""
+    def finish(self, stop: Optional[loop.StopFlag] = None) -> Optional[dict[str, float]]:
+        """Final save, validation, test and export; returns the test metrics ({} without a test), or None when
+        ``stop`` ended the run between two of these phases. The phases done are recorded beside the final
+        checkpoint, so a job preempted here resumes at the next phase instead of training again."""
         cfg, run = self.cfg, self.run
-        tag = self.save(self.step)
-        if cfg.train.val_every:   # with no periodic validation there is nothing to pick a best from
+        tag = f"step{self.step:07d}"
+        done = read_finish_state(run, tag)
+        if not done:
+            self.save(self.step)
+            done = self.record_phase(tag, done, "saved", True)
+        if self.stopped_between_phases(stop, "final save"):
+            return None
+        if cfg.train.val_every and "validated" not in done:   # no periodic validation: no best to pick
             self.validate(self.step, final_tag=tag)
+            done = self.record_phase(tag, done, "validated", {"best_rsum": self.best_rsum, "best_tag": self.best_tag})
+            if self.stopped_between_phases(stop, "final validation"):
+                return None
+        elif "validated" in done:
+            self.best_rsum, self.best_tag = done["validated"]["best_rsum"], done["validated"]["best_tag"]
         best = self.best_tag if cfg.checkpoint.keep_best and self.best_tag else tag
         if best != tag:   # test / export the best validated weights, not the last ones
             self.engine.load_checkpoint(str(run.ckpt_dir), tag=best, load_module_only=True,
                                         load_optimizer_states=False, load_lr_scheduler_states=False)
-        metrics = self.test(best) if cfg.eval.test and split_path(cfg, "test") else {}
+        metrics = done.get("test")
+        if metrics is None:
+            metrics = self.test(best) if cfg.eval.test and split_path(cfg, "test") else {}
+            done = self.record_phase(tag, done, "test", metrics)
+            if self.stopped_between_phases(stop, "test evaluation"):
+                return None
         if cfg.checkpoint.export:
             out = ckpt.export_pretrained(self.engine, run, best, run.run_dir / "model", self.tok_path)
             if out is not None:
                 print(f"[finetune] consolidated fp32 model: {out}", flush=True)
-                self.tracker.log_artifact(out, "model")
+                self.tracker.log_model(out, f"{self.cfg.name}-{self.run.stage}")
         self.tracker.close("FINISHED")
         dist_utils.barrier()
         return metrics
+
+    def record_phase(self, tag: str, done: dict, phase: str, value) -> dict:
+        done = {**done, phase: value}
+        if self.run.is_main:
+            write_finish_state(self.run, tag, done)
+        return done
+
+    def stopped_between_phases(self, stop: Optional[loop.StopFlag], phase: str) -> bool:
+        """Collective: True (run closed as KILLED) when any rank's ``stop`` is set after ``phase``."""
+        reason = loop.agreed_stop(stop)
+        if reason is None:
+            return False
+        stop.honoured = reason
+        self.close_stopped(f"{reason}, after the {phase}")
+        return True
 
     def test(self, best: str) -> dict[str, float]:
         """Test split (+ Winoground on the relations split) with the weights of checkpoint ``best``."""
@@ -159,6 +210,7 @@ class FinetuneJob:
             print("\n" + table, flush=True)
             (run.run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             self.tracker.log_text(table + "\n", "test_recall.md")
+            self.tracker.set_tags({"mlflow.note.content": table})   # the run's description in the MLflow UI
         return metrics
 
     def close_stopped(self, reason: str) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -18,6 +17,7 @@ from pipeline import distributed as dist_utils
 from pipeline.train import runtime as T
 from pipeline.train.build import to_device
 from pipeline.train.runtime import Run
+from pipeline.stopping import StopFlag
 
 StepFn = Callable[[dict, int, torch.Generator], tuple[torch.Tensor, dict]]
 
@@ -112,25 +112,7 @@ def progress(run: Run, total: int, initial: int):
 
 # ----------------------------------------------------------------------------- stopping
 
-class StopFlag:
-    """Asks the loop to save a checkpoint and return after the current optimizer step. ``request`` may be
-    called from another thread or a signal handler (it takes no lock the loop could hold); the first reason
-    given is kept."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.reason: Optional[str] = None
-
-    def request(self, reason: str = "requested") -> None:
-        if self.reason is None:
-            self.reason = reason
-        self._event.set()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-
-def _agreed_stop(stop: Optional[StopFlag]) -> Optional[str]:
+def agreed_stop(stop: Optional[StopFlag]) -> Optional[str]:
     """The stop reason if any rank's flag is set (collective when a process group is up: every rank must
     stop at the same step, since the save that follows is collective), else None."""
     if stop is None:
@@ -170,10 +152,26 @@ class LoopResult:
     last_logged: dict[str, float] = field(default_factory=dict)
 
 
+class NonFiniteLoss(RuntimeError):
+    """The loss of a micro-batch was NaN or Inf on some rank; raised before its update is applied."""
+
+
+def nonfinite_keys(loss: torch.Tensor, batch: dict) -> Optional[list[str]]:
+    """Collective: None when the loss is finite on every rank, else the sample keys of the batches whose loss
+    was not (from every rank; "image_id <n>" where a batch carries no keys)."""
+    finite = bool(torch.isfinite(loss.detach()).all())
+    if dist_utils.reduce_scalars({"nonfinite": float(not finite)}, "max")["nonfinite"] == 0:
+        return None
+    mine = [] if finite else list(batch.get("keys") or [f"image_id {int(i)}" for i in batch["image_id"]])
+    return [key for keys in dist_utils.all_gather_object(mine) for key in keys]
+
+
 def optimizer_step(run: Run, engine, hooks: StageHooks, step: int) -> tuple[dict[str, float], int]:
     """``train.grad_accum`` micro-steps; returns the scalars averaged over them and the samples seen.
     Micro-batch ``i`` draws from ``step_generator(..., salt=i)``: salt 0 is the generator of an unsalted
-    step, so runs at grad_accum 1 (and their resumes) are unchanged."""
+    step, so runs at grad_accum 1 (and their resumes) are unchanged. A NaN/Inf loss on any rank is caught
+    before its backward (every rank agrees): ``train.nonfinite`` "stop" raises :class:`NonFiniteLoss` naming
+    the step and the batch's samples, "skip" leaves the weights as they are and counts the step."""
     cfg = run.cfg
     rows, samples = [], 0
     for micro in range(cfg.train.grad_accum):
@@ -181,6 +179,18 @@ def optimizer_step(run: Run, engine, hooks: StageHooks, step: int) -> tuple[dict
         hooks.on_batch(batch)
         batch = to_device(batch, run.device)
         loss, scalars = hooks.step_fn(batch, step, T.step_generator(cfg, step, run.rank, salt=micro))
+        bad = nonfinite_keys(loss, batch)
+        if bad is not None:
+            shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+            if cfg.train.nonfinite == "stop":
+                raise NonFiniteLoss(f"step {step + 1}: the loss is not finite, stopped before the update (weights "
+                                    f"of step {step}); samples of the batch: {shown}. Lower the learning rate, "
+                                    f"check these samples, or set train.nonfinite=skip")
+            if run.is_main:
+                print(f"[{run.stage}] step {step + 1}: non-finite loss skipped (no update); samples: {shown}",
+                      flush=True)
+            rows.append({"nonfinite_skipped_steps": 1.0})
+            continue
         engine.backward(loss)
         engine.step()
         rows.append(scalars)
@@ -194,7 +204,7 @@ def log_window(run: Run, tracker, window: MetricWindow, hooks: StageHooks, bar,
     finite_or_raise({k: v for k, v in values.items() if k != "grad_norm"}, step)
     tracker.log_metrics(values, step)
     append_jsonl(run, {"step": step, **values})
-    bar.set_postfix(loss=f"{values['loss']:.4f}", samples_per_s=f"{values['samples_per_s']:.1f}")
+    bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", samples_per_s=f"{values['samples_per_s']:.1f}")
     return values
 
 
@@ -210,6 +220,10 @@ def train(run: Run, engine, hooks: StageHooks, tracker, start_step: int,
     saves a checkpoint and returns early."""
     cfg = run.cfg
     total = cfg.train.steps
+    if cfg.train.nonfinite == "skip" and cfg.train.grad_accum > 1:
+        from pipeline.errors import UserError
+        raise UserError(f"train.nonfinite=skip needs one micro-batch per step (grad_accum is {cfg.train.grad_accum}:"
+                        f" the other micro-batches' gradients are already accumulated); use train.nonfinite=stop")
     window, bar = MetricWindow(), progress(run, total, start_step)
     result = LoopResult(step=start_step)
     engine.train()
@@ -229,8 +243,9 @@ def train(run: Run, engine, hooks: StageHooks, tracker, start_step: int,
             saved = _due(cfg.checkpoint.every, step)
             if saved:
                 hooks.save(step)
-            result.stopped = _agreed_stop(stop)
+            result.stopped = agreed_stop(stop)
             if result.stopped is not None:
+                stop.honoured = result.stopped
                 if window.steps:   # the steps since the last log would otherwise never be logged
                     result.last_logged = log_window(run, tracker, window, hooks, bar, step)
                 if not saved:

@@ -12,6 +12,7 @@ from pipeline.config import ExperimentConfig, split_path
 from pipeline.errors import UserError
 from pipeline.train.objectives import (TASKS, choose_task, grounding_loss, itc_loss, itm_loss, mlm_loss,
                                        mrfr_loss, wra_task_loss)
+from pipeline.train.run_tracking import open_tracker
 from pipeline.train.build import build_model, ensure_data, ensure_tokenizer, loader_config
 from pipeline.data.loader import BatchStream
 
@@ -43,8 +44,8 @@ def pretrain(cfg: ExperimentConfig, ds_config: dict,
     engine = T.create_engine(model, run)
     job = PretrainJob(run, engine, tokenizer, tok_path, srcs)
     result = job.train(stop)
-    job.finish(result.stopped)
-    if run.is_main and result.stopped is None:
+    job.finish(result.stopped, stop)
+    if run.is_main and (stop is None or stop.honoured is None):
         print(f"[pretrain] done in {time.perf_counter() - t_start:.0f} s (process wall time)", flush=True)
     return result.last_logged
 
@@ -66,7 +67,7 @@ class PretrainJob:
         self.streams = [BatchStream(loader_config(cfg, spec, engine.module, mbs, i, swap_captions=swaps),
                                     tokenizer, run.rank, run.world_size, state=st)
                         for i, ((spec, _), st) in enumerate(zip(srcs, states))]
-        self.tracker = T.open_tracker(run, client)
+        self.tracker = open_tracker(run, client)
 
     def task_loss(self, task: str, batch: dict, generator) -> tuple:
         module = self.engine.module
@@ -129,22 +130,29 @@ class PretrainJob:
         self.step = result.step
         return result
 
-    def finish(self, stopped: Optional[str]) -> None:
-        """Final save and export; after a stop only the tracker is closed (the loop saved)."""
+    def finish(self, stopped: Optional[str], stop: Optional[loop.StopFlag] = None) -> None:
+        """Final save and export; after a stop only the tracker is closed (the loop saved). A stop seen after
+        the final save ends the run there: the resumed job starts at the export."""
         if stopped is None:
             tag = self.save(self.step)
-            if self.cfg.checkpoint.export:
-                out = ckpt.export_pretrained(self.engine, self.run, tag, self.run.run_dir / "model",
-                                             self.tok_path)
-                if out is not None:
-                    from pipeline.train.stages import write_stamp
-                    write_stamp(out, self.cfg)   # a fine-tune naming this config as its stage reuses the export
-                    print(f"[pretrain] consolidated fp32 model: {out}", flush=True)
-                    self.tracker.log_artifact(out, "model")
-        elif self.run.is_main:
+            stopped = loop.agreed_stop(stop)
+            if stopped is not None:
+                stop.honoured = stopped
+            elif self.cfg.checkpoint.export:
+                self.export(tag)
+        if stopped is not None and self.run.is_main:
             print(f"[pretrain] stopped after step {self.step} ({stopped}); resume with --resume", flush=True)
         self.tracker.close("FINISHED" if stopped is None else "KILLED")
         dist_utils.barrier()
+
+    def export(self, tag: str) -> None:
+        out = ckpt.export_pretrained(self.engine, self.run, tag, self.run.run_dir / "model", self.tok_path)
+        if out is not None:
+            from pipeline.train.stages import write_stamp
+            # a fine-tune naming this config as its stage reuses the export (and is a child of this run)
+            write_stamp(out, self.cfg, self.tracker.run_id)
+            print(f"[pretrain] consolidated fp32 model: {out}", flush=True)
+            self.tracker.log_model(out, f"{self.cfg.name}-{self.run.stage}")
 
     def save(self, step: int) -> str:
         return ckpt.save_checkpoint(self.engine, self.run, step, [s.state() for s in self.streams],

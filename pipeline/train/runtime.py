@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from pipeline import distributed as dist_utils
-from pipeline.config import (ExperimentConfig, read_ds_config, resolve_ds_config, resolve_path, to_dict,
-                             validate_paths, load_config)
+from pipeline.config import (ExperimentConfig, check_layer_indices, read_ds_config, resolve_ds_config, resolve_path,
+                             to_dict, load_config)
+from pipeline.data.paths import validate_paths
 from pipeline.errors import UserError
 
 
@@ -54,6 +56,7 @@ def prepare(stage: str, config_path: Optional[str], overrides: list[str],
         cfg = with_stage_init(cfg)
     validate_model_config(cfg)
     validate_paths(cfg, stage)
+    check_run_dir_writable(cfg.run_dir)
     accelerator = accelerator_name()
     bf16 = accelerator != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     ds = resolve_ds_config(read_ds_config(ds_path), cfg, dist_utils.world_size(), accelerator,
@@ -63,14 +66,31 @@ def prepare(stage: str, config_path: Optional[str], overrides: list[str],
     return cfg, ds
 
 
+def check_run_dir_writable(run_dir: str) -> None:
+    """UserError unless ``run_dir`` is (or can be created as) a directory we can write: the nearest existing
+    folder on its path gets a probe file, created and removed (file modes say nothing for root, a read-only
+    mount does)."""
+    path = resolve_path(run_dir)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"is under {existing}, which is a file"
+        raise UserError(f"config 'run_dir' = {run_dir} {what}: give a directory path")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".relalign_write_check"):
+            pass
+    except OSError as exc:
+        raise UserError(f"config 'run_dir' = {run_dir}: cannot write in {existing} ({exc.strerror}): give a "
+                        f"writable run_dir") from None
+
+
 def validate_model_config(cfg: ExperimentConfig) -> None:
-    """The model config resolves exactly as build_model will resolve it, and finetune.iais.layers exist in it."""
+    """The model config resolves exactly as build_model will resolve it, and the layers that finetune.iais.layers
+    and eval.isd_layer name exist in it."""
     from pipeline.train.build import model_config
     num_layers = model_config(cfg).num_layers
-    bad = [layer for layer in cfg.finetune.iais.layers if not -num_layers <= layer < num_layers]
-    if bad:
-        raise UserError(f"config 'finetune.iais.layers' = {cfg.finetune.iais.layers}: {bad} outside the model's "
-                        f"layers -{num_layers}..{num_layers - 1}; use indices within them (-1: the last)")
+    iais_layers = cfg.finetune.iais.layers
+    check_layer_indices(iais_layers, num_layers, f"config 'finetune.iais.layers' = {iais_layers}")
+    check_layer_indices([cfg.eval.isd_layer], num_layers, f"config 'eval.isd_layer' = {cfg.eval.isd_layer}")
 
 
 def start(cfg: ExperimentConfig, ds: dict, stage: str, timeout_s: Optional[float] = None) -> Run:
@@ -175,6 +195,8 @@ def create_engine(model: torch.nn.Module, run: Run):
     import deepspeed
     groups = parameter_groups(model, run.cfg.train.decay_bias_and_norm)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=run.ds_config)
+    from pipeline.train.safe_load import use_safe_loading
+    use_safe_loading(engine)   # DeepSpeed's checkpoint reads never unpickle code
     return engine
 
 
@@ -204,32 +226,3 @@ def grad_norm(engine) -> float:
     if value is None:
         return float("nan")
     return float(value.item() if torch.is_tensor(value) else value)
-
-
-def tracker_params(run: Run) -> dict[str, Any]:
-    from pipeline.config import flatten
-    from pipeline.tracking import package_versions
-    params = {f"config.{k}": v for k, v in flatten(to_dict(run.cfg)).items()}
-    params.update({f"ds.{k}": v for k, v in flatten(run.ds_config).items()})
-    params.update({f"version.{k}": v for k, v in package_versions().items()})
-    return params
-
-
-def open_tracker(run: Run, client: Optional[dict]):
-    """The run's MLflow tracker; a resumed run (``client`` state) continues its MLflow run, a new one
-    logs params and configs first."""
-    from pipeline.tracking import Tracker
-    tracker = Tracker.create(run.cfg.tracking, run.is_main, run.run_dir,
-                             resume_run_id=client.get("mlflow_run_id") if client else None)
-    if client is None:
-        tracker.log_params({**tracker_params(run), **run_info(run)})
-        tracker.log_artifact(run.run_dir / "experiment.yaml", "configs")
-        tracker.log_artifact(run.run_dir / "ds_config.json", "configs")
-    return tracker
-
-
-def run_info(run: Run) -> dict[str, Any]:
-    """Collective: world size, node count, host names."""
-    hosts = dist_utils.hostnames()
-    return {"world_size": run.world_size, "node_count": dist_utils.node_count(),
-            "hostnames": ",".join(sorted(set(hosts)))}

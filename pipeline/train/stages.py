@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Optional
 
 from pipeline import distributed as dist_utils
 from pipeline.config import ExperimentConfig, resolve_path, training_fingerprint
@@ -17,10 +18,19 @@ def export_dir(cfg: ExperimentConfig) -> Path:
     return resolve_path(cfg.run_dir) / "model"
 
 
-def write_stamp(model_dir: Path, cfg: ExperimentConfig) -> None:
-    """Record beside an exported model the training config that produced it (pretrain writes it)."""
-    (Path(model_dir) / STAMP_NAME).write_text(json.dumps({"fingerprint": training_fingerprint(cfg)}, indent=1)
-                                              + "\n")
+def write_stamp(model_dir: Path, cfg: ExperimentConfig, run_id: Optional[str] = None) -> None:
+    """Record beside an exported model the training config that produced it and its MLflow run (pretrain
+    writes it; a fine-tune from the model becomes a child of that run)."""
+    stamp = {"fingerprint": training_fingerprint(cfg), "mlflow_run_id": run_id}
+    (Path(model_dir) / STAMP_NAME).write_text(json.dumps(stamp, indent=1) + "\n")
+
+
+def stamp_run_id(model_dir: Path) -> Optional[str]:
+    """The MLflow run that exported ``model_dir``, if its stamp names one."""
+    try:
+        return json.loads((Path(model_dir) / STAMP_NAME).read_text(encoding="utf-8")).get("mlflow_run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def is_cached(cfg: ExperimentConfig) -> bool:
@@ -44,9 +54,10 @@ def with_stage_init(cfg: ExperimentConfig) -> ExperimentConfig:
     return dataclasses.replace(cfg, model=model)
 
 
-def ensure_pretrained(cfg: ExperimentConfig, ds_path: str) -> None:
+def ensure_pretrained(cfg: ExperimentConfig, ds_path: str, stop=None) -> None:
     """Pretrain ``cfg.model.pretrain_config`` with the DeepSpeed JSON ``ds_path`` unless its exported model is
-    cached for this exact config."""
+    cached for this exact config. A stage stopped by ``stop`` (a StopFlag; preemption) resumes from its
+    checkpoint when the job runs again."""
     from pipeline.train.pretrain import pretrain
     from pipeline.train.runtime import prepare
     pre_cfg, pre_ds = prepare("pretrain", cfg.model.pretrain_config, [], ds_path)
@@ -60,4 +71,17 @@ def ensure_pretrained(cfg: ExperimentConfig, ds_path: str) -> None:
         from pipeline.errors import UserError
         raise UserError(f"model.pretrain_config {cfg.model.pretrain_config}: its checkpoint.export is false, so "
                         f"there is no model to fine-tune from; set it to true")
-    pretrain(pre_cfg, pre_ds)   # exports and stamps the model
+    pretrain(resuming_if_same_config(pre_cfg), pre_ds, stop)   # exports and stamps the model
+
+
+def resuming_if_same_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` set to resume its newest complete checkpoint when that was trained with this same config (a
+    stage preempted part-way); a changed config pretrains afresh."""
+    from pipeline.errors import UserError
+    from pipeline.train import checkpoint as ckpt
+    auto = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto"))
+    try:
+        ckpt.check_resume_config(auto, ckpt.resume_point(auto))
+    except UserError:
+        return cfg
+    return auto
