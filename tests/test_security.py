@@ -253,3 +253,27 @@ def test_zero_0_2_3_checkpoints_save_and_resume_through_the_safe_loader(tiny_dat
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert all(f"ZERO{s} OK" in out for s in (0, 2, 3)), out[-3000:]
+
+
+class _EnumAsOldPythonPicklesIt:
+    """Python 3.11.0-3.11.3 pickle an enum member as getattr(EnumClass, "NAME")."""
+
+    def __init__(self, cls, name: str) -> None:
+        self.cls, self.name = cls, name
+
+    def __reduce__(self):
+        return getattr, (self.cls, self.name)
+
+
+def test_enum_members_pickled_through_getattr_load_and_other_getattr_uses_are_refused(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from pipeline.errors import UserError
+    from pipeline.train import safe_load
+    ok = tmp_path / "enum.pt"
+    torch.save({"stage": _EnumAsOldPythonPicklesIt(ZeroStageEnum, "gradients")}, ok)
+    assert safe_load.load(ok)["stage"] is ZeroStageEnum.gradients
+    bad = tmp_path / "getattr.pt"
+    torch.save({"x": _EnumAsOldPythonPicklesIt(LossScaler, "__init__")}, bad)
+    with pytest.raises(UserError, match="refused to load"):
+        safe_load.load(bad)

@@ -9,6 +9,7 @@ where DeepSpeed calls ``torch.load`` directly (zero_to_fp32 consolidation), thro
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import os
 import pickle
@@ -36,12 +37,28 @@ def deepspeed_checkpoint_types() -> tuple[type, ...]:
     return ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address
 
 
+def enum_member(cls, name: str):
+    """Stands in for ``builtins.getattr`` while unpickling: Python 3.11.0-3.11.3 pickle an enum member as
+    ``getattr(EnumClass, "NAME")`` (later versions as ``EnumClass(value)``). Only a member of an allowed enum
+    is returned; any other use of getattr is refused."""
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and cls in deepspeed_checkpoint_types() \
+            and isinstance(name, str) and name in cls.__members__:
+        return cls[name]
+    raise pickle.UnpicklingError(f"getattr({getattr(cls, '__qualname__', cls)!r}, {name!r}) is not a member of an "
+                                 f"allowed enum: refused")
+
+
+def allowed_globals() -> list:
+    """What torch's weights_only unpickler may build beyond its defaults (``safe_globals`` entries)."""
+    return [*deepspeed_checkpoint_types(), (enum_member, "builtins.getattr")]
+
+
 def load(path, map_location="cpu", mmap: Optional[bool] = None):
     """The object saved in ``path``; UserError when it holds anything outside the allow-list or is unreadable."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    with torch.serialization.safe_globals(list(deepspeed_checkpoint_types())):
+    with torch.serialization.safe_globals(allowed_globals()):
         try:
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as exc:
@@ -58,7 +75,7 @@ def refusal(path: Path, exc: Exception) -> str:
 def _refused_globals(path: Path) -> list[str]:
     """The globals of ``path`` outside torch's defaults and our allow-list (read from the pickle opcodes,
     nothing is executed)."""
-    allowed = {f"{t.__module__}.{t.__qualname__}" for t in deepspeed_checkpoint_types()}
+    allowed = {f"{t.__module__}.{t.__qualname__}" for t in deepspeed_checkpoint_types()} | {"builtins.getattr"}
     try:
         return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
     except Exception:   # a pickle too odd to scan: the unpickler's own words name the culprit
@@ -150,7 +167,7 @@ def forced_weights_only(files: Iterable[Path]) -> Iterator[None]:
     os.environ[_FORCE] = "1"
     os.environ.pop(_FORCE_NOT, None)
     try:
-        with torch.serialization.safe_globals(list(deepspeed_checkpoint_types())):
+        with torch.serialization.safe_globals(allowed_globals()):
             yield
     except pickle.UnpicklingError as exc:
         culprits = [f for f in files if _refused_globals(Path(f))]
