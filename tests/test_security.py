@@ -256,7 +256,7 @@ def test_zero_0_2_3_checkpoints_save_and_resume_through_the_safe_loader(tiny_dat
 
 
 class _EnumAsOldPythonPicklesIt:
-    """Python 3.11.0-3.11.3 pickle an enum member as getattr(EnumClass, "NAME")."""
+    """As some Python 3.11 releases (Debian 12's 3.11.2) pickle an enum member: getattr(EnumClass, "NAME")."""
 
     def __init__(self, cls, name: str) -> None:
         self.cls, self.name = cls, name

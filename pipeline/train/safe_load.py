@@ -38,9 +38,9 @@ def deepspeed_checkpoint_types() -> tuple[type, ...]:
 
 
 def enum_member(cls, name: str):
-    """Stands in for ``builtins.getattr`` while unpickling: Python 3.11.0-3.11.3 pickle an enum member as
-    ``getattr(EnumClass, "NAME")`` (later versions as ``EnumClass(value)``). Only a member of an allowed enum
-    is returned; any other use of getattr is refused."""
+    """Stands in for ``builtins.getattr`` while unpickling: some Python 3.11 releases (Debian 12's 3.11.2; not
+    3.11.7) pickle an enum member as ``getattr(EnumClass, "NAME")`` instead of ``EnumClass(value)``. Only a
+    member of an allowed enum is returned; any other use of getattr is refused."""
     if isinstance(cls, type) and issubclass(cls, enum.Enum) and cls in deepspeed_checkpoint_types() \
             and isinstance(name, str) and name in cls.__members__:
         return cls[name]
