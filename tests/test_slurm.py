@@ -77,14 +77,20 @@ def job_logs(logs: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(logs.glob("*.out")))
 
 
-def requeued_and_released(slurm: SlurmCluster, job: str) -> bool:
-    """True once the job restarted; while it waits in PENDING (Slurm holds a requeued job ~2 min,
-    Reason=BeginTime) release it at once."""
+RELEASE_GRACE_S = 5
+
+
+def requeued_and_released(slurm: SlurmCluster, job: str, pending_since: dict) -> bool:
+    """True once the job restarted. Slurm holds a requeued job ~2 min (Reason=BeginTime) so that the old
+    attempt is torn down first; released earlier than a few seconds, slurmd refuses to launch it ("Job already
+    killed, do not launch batch job") and the job FAILS. So release it RELEASE_GRACE_S after it turned PENDING."""
     info = slurm.job(job)
     if info.get("Restarts") != "1":
         return False
     if info.get("JobState") == "PENDING":
-        slurm.client("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+        first = pending_since.setdefault("t", time.monotonic())
+        if time.monotonic() - first >= RELEASE_GRACE_S:
+            slurm.client("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
         return False
     return info.get("JobState") in ("RUNNING", "COMPLETED", "FAILED")
 
@@ -115,7 +121,8 @@ def test_finetune_sbatch_two_nodes_preempted_requeued_resumes_into_one_mlflow_ru
     wait_for("training to pass step 5", lambda: logged_step(node0) >= 5, JOB_TIMEOUT_S, slurm, logs)
     slurm.client("scancel", "--signal=USR1", job)
 
-    wait_for("the requeue", lambda: requeued_and_released(slurm, job), 120, slurm, logs)
+    pending_since: dict = {}
+    wait_for("the requeue", lambda: requeued_and_released(slurm, job, pending_since), 120, slurm, logs)
     final = wait_for("the job to complete", lambda: finished(slurm, job), JOB_TIMEOUT_S, slurm, logs)
     assert final["JobState"] == "COMPLETED", f"{final}\n{job_logs(logs)}"
 
