@@ -7,7 +7,11 @@ Prints the time and recall of full N x M cross-encoder scoring and of ITC-shortl
 and compares the pairs/s of full scoring with the forward-only throughput of the same model on a
 batch of the same shape. Without --model the tiny preset is freshly initialised (recall then means
 little, and the two-stage R@1 drop is not representative: give a trained model).
+With --sizes: full retrieval time fitted as a * pairs + b * images (N x M cross-encoder pairs, each image
+encoded once), two-stage as c * (images + captions) (ITC embeddings and k re-ranked pairs per query), both
+least squares over the measured sizes, extrapolated to 5000 x 25000 for this model on this device.
 Last line: RESULT two_stage_speedup=<x> two_stage_r1_drop=<points> eval_efficiency=<ratio>
+[coco5k_full_s=<s> coco5k_two_stage_s=<s>]
 """
 from __future__ import annotations
 
@@ -33,6 +37,9 @@ def parse_args() -> argparse.Namespace:
                    help="pairs per forward (default 1024 on GPU, 256 on CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--sizes", default="",
+                   help="also time both retrievals on these image counts (e.g. 50,100,200) and extrapolate to "
+                        "COCO's 5k test split (5000 images x 25000 captions)")
     return p.parse_args()
 
 
@@ -101,6 +108,43 @@ def forward_only_pairs_per_s(model, data, batch: int, device: torch.device, seco
         return calls * batch / (time.perf_counter() - start)
 
 
+COCO_5K = (5000, 25000)
+
+
+def extrapolate(points: list[tuple[int, int, float, float]], target=COCO_5K) -> dict[str, float]:
+    """(images, captions, full s, two-stage s) per measured size -> both times at ``target`` (least squares:
+    full = a * images * captions + b * images, two-stage = c * (images + captions))."""
+    import numpy as np
+    n_img, n_txt, full_s, two_s = (np.array(col, dtype=float) for col in zip(*points))
+    (a, b), *_ = np.linalg.lstsq(np.stack([n_img * n_txt, n_img], 1), full_s, rcond=None)
+    (c,), *_ = np.linalg.lstsq((n_img + n_txt)[:, None], two_s, rcond=None)
+    images, captions = target
+    return {"coco5k_full_s": float(a * images * captions + b * images),
+            "coco5k_two_stage_s": float(c * (images + captions)),
+            "s_per_pair": float(a), "s_per_image": float(b), "two_stage_s_per_item": float(c)}
+
+
+def scaling(model, data, cfg, sizes: list[int]) -> dict[str, float]:
+    """Both retrievals timed on the first n images (and their captions) for each n; the COCO 5k extrapolation."""
+    from pipeline.evaluation import full_retrieval, two_stage_retrieval
+    points = []
+    print(f"{'images':>7s} {'captions':>9s} {'full s':>8s} {'two-stage s':>12s}")
+    for n in sizes:
+        part = data.subset(n)
+        with torch.no_grad():
+            _, fstats = full_retrieval(model, part, cfg)
+            _, _, tstats = two_stage_retrieval(model, part, cfg)
+        points.append((part.n_images, part.n_texts, fstats["full_seconds"], tstats["two_stage_seconds"]))
+        print(f"{part.n_images:7d} {part.n_texts:9d} {points[-1][2]:8.2f} {points[-1][3]:12.2f}")
+    fit = extrapolate(points)
+    images, captions = COCO_5K
+    print(f"fit: full = {fit['s_per_pair']:.3e} s/pair * pairs + {fit['s_per_image']:.3e} s/image * images; "
+          f"two-stage = {fit['two_stage_s_per_item']:.3e} s * (images + captions)")
+    print(f"COCO 5k test ({images} x {captions}), extrapolated: full {fit['coco5k_full_s']:.0f} s "
+          f"({fit['coco5k_full_s'] / 3600:.2f} h), two-stage (k={cfg.two_stage_k}) {fit['coco5k_two_stage_s']:.0f} s")
+    return {k: fit[k] for k in ("coco5k_full_s", "coco5k_two_stage_s")}
+
+
 def main() -> int:
     args = parse_args()
     if args.threads > 0:
@@ -147,8 +191,12 @@ def main() -> int:
     efficiency = fstats["full_pairs_per_s"] / fwd
     print(f"two_stage_r1_drop = worst direction of full R@1 - two-stage R@1 "
           f"(txt {fr['txt_r1'] - tr['txt_r1']:+.1f}, img {fr['img_r1'] - tr['img_r1']:+.1f})")
+    extra = ""
+    if args.sizes:
+        grown = scaling(model, data, cfg, [int(n) for n in args.sizes.split(",") if n.strip()])
+        extra = " " + " ".join(f"{k}={v:.0f}" for k, v in grown.items())
     print(f"RESULT two_stage_speedup={speedup:.2f} two_stage_r1_drop={drop:.2f} "
-          f"eval_efficiency={efficiency:.3f}")
+          f"eval_efficiency={efficiency:.3f}{extra}")
     return 0
 
 

@@ -111,4 +111,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from pipeline.shutdown import skip_final_collection
+    skip_final_collection()
     sys.exit(main())

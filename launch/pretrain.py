@@ -7,9 +7,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # runnable from a plain checkout too
 
+from pipeline.shutdown import skip_final_collection  # noqa: E402  (standard library only)
 from pipeline.stopping import install_signal_handler  # noqa: E402  (standard library only)
 
 install_signal_handler()   # before the heavy imports: Slurm's warning signal may arrive during them
+skip_final_collection()
 
 from pipeline.cli import main  # noqa: E402
 

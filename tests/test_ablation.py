@@ -24,6 +24,8 @@ from pipeline.config import apply_override
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "launch" / "configs" / "ablation_tiny.yaml"
+# the module fixture runs once: under pytest-xdist every test of this file runs on one worker
+pytestmark = pytest.mark.xdist_group("ablation")
 EXPERIMENT = "pytest-ablation"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY_MODEL = ("model.overrides={hidden_size: 32, num_layers: 2, num_heads: 2, intermediate_size: 64, "

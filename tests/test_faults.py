@@ -124,7 +124,11 @@ def test_a_killed_rank_ends_the_job_and_the_resume_ends_with_the_uninterrupted_w
             job.kill()
             job.wait(10)
     assert code != 0 and time.monotonic() - killed_at < KILL_BOUND_S
-    assert re.search(r"exits with return code = -9", log.read_text()), log.read_text()[-3000:]
+    # DeepSpeed's launcher reports the first failed rank it polls: the killed one (-9), or rank 0, which may
+    # already have failed on the lost connection (1)
+    text = log.read_text()
+    assert re.search(r"exits with return code = (-9|1)\b", text), text[-3000:]
+    assert "return code = -9" in text or re.search(r"Connection (reset|closed) by peer", text), text[-3000:]
 
     # what a kill between rank 0 and rank 1 finishing a save leaves: rank 0's files, no rank 1 shard, no marker
     ckpt = run_dir / "checkpoints"
@@ -175,4 +179,4 @@ def test_a_full_checkpoint_disk_stops_with_one_line_and_keeps_the_previous_check
         assert complete_tags(ckpt) == [(2, "step0000002")] and not (ckpt / "step0000004").exists()
         assert checkpoint_state_dict(ckpt, "step0000002")   # the intact checkpoint still loads
     finally:
-        subprocess.run(["umount", str(ckpt)], timeout=30)
+        subprocess.run(["umount", "--lazy", str(ckpt)], timeout=30)   # lazy: detached even while still busy

@@ -16,6 +16,8 @@ from test_training import TINY_MODEL, common_sets
 
 REPO = Path(__file__).resolve().parent.parent
 TAG = "step0000002"
+# the module fixture runs once: under pytest-xdist every test of this file runs on one worker
+pytestmark = pytest.mark.xdist_group("security")
 
 
 class WritesMarker:

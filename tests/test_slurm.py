@@ -20,6 +20,8 @@ from test_training import TINY_MODEL, common_sets
 REPO = Path(__file__).resolve().parent.parent
 JOB_TIMEOUT_S = 420
 STEPS = 60
+# one cluster: under pytest-xdist every test of this file runs on one worker
+pytestmark = pytest.mark.xdist_group("slurm")
 
 
 def _free_ports(n: int) -> list[int]:

@@ -18,6 +18,8 @@ from pipeline import tracking
 from pipeline.tracking import SPOOL_FILE, MlflowTracker, TrackingConfig
 
 REPO = Path(__file__).resolve().parents[1]
+# the module fixture runs once: under pytest-xdist every test of this file runs on one worker
+pytestmark = pytest.mark.xdist_group("tracking_outage")
 FAST_FAILURE = TrackingConfig(experiment_name="outage", http_timeout_s=1, http_max_retries=0, retry_interval_s=0.5,
                               close_timeout_s=3.0)
 

@@ -33,6 +33,7 @@ def common_sets(tiny_data: dict, run_dir: Path, uri: str | None, steps: int = 4)
             "train.warmup_steps=1", "train.log_every=1", "train.threads=1",
             "finetune.negative_size=3", "finetune.hard_size=1", "finetune.pool_size=16",
             "finetune.iais.weight=1.0", "finetune.iais.schedule=const", "eval.score_batch=256",
+            "eval.pictures=0",   # matplotlib: ~5 s a run; the tests that check pictures ask for them
             "tracking.experiment_name=pytest-training"]
     if uri is None:
         sets.append("tracking.enabled=false")
@@ -83,7 +84,8 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 @pytest.mark.slow
 def test_finetune_zero2_two_ranks_logs_to_mlflow(tiny_data, mlflow_server, tmp_path):
     run_dir = tmp_path / "ft_zero2"
-    out = launch("finetune", "zero2", common_sets(tiny_data, run_dir, mlflow_server) + ["train.val_every=2"])
+    sets = common_sets(tiny_data, run_dir, mlflow_server) + ["train.val_every=2", "eval.pictures=1"]
+    out = launch("finetune", "zero2", sets)
     # the output is not a terminal: one plain progress line per logging window, no bar redraws
     assert "[finetune] step 4/4 loss=" in out and "step/s]" not in out
     client, run = mlflow_run(mlflow_server, run_dir)
