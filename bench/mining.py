@@ -128,9 +128,9 @@ def table(args, results: dict) -> tuple[str, dict[str, float]]:
                     f"{fmt(summarize(by_seed(results, mode, 'txt_r1').values()))} | "
                     f"{fmt(summarize(by_seed(results, mode, 'img_r1').values()))} | "
                     f"{fmt(summarize(by_seed(results, mode, 'r1').values()))} | "
-                    f"{interval if mode is not full else '-'} | "
+                    f"{interval if mode != full else '-'} | "
                     f"{fmt(summarize(by_seed(results, mode, 'rsum').values()))} |")
-        if mode is not full:
+        if mode != full:
             values[f"speedup_{mode.name}"] = speedup
             values[f"r1_drop_{mode.name}"] = drop.mean
     return "\n".join(rows), values

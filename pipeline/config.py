@@ -478,11 +478,18 @@ def training_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """'key: saved -> current' for every key whose value differs (or exists on one side only)."""
+    """'key: saved -> current' for every key whose value differs or exists on one side only, except a key
+    newer than ``saved`` (added to the schema since it was written) that is at its default now."""
+    defaults = training_fingerprint(ExperimentConfig())
+
+    def changed(k: str) -> bool:
+        if k not in saved:
+            return k not in defaults or current[k] != defaults[k]
+        return k not in current or saved[k] != current[k]
+
     def shown(d: dict, k: str) -> str:
         return repr(d[k]) if k in d else "(absent)"
-    return [f"{k}: {shown(saved, k)} -> {shown(current, k)}" for k in sorted(set(saved) | set(current))
-            if k not in saved or k not in current or saved[k] != current[k]]
+    return [f"{k}: {shown(saved, k)} -> {shown(current, k)}" for k in sorted(set(saved) | set(current)) if changed(k)]
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -52,6 +52,7 @@ def test_the_mining_table_pairs_recall_by_seed_and_divides_the_step_times():
                ("itc47", 0): {"step_s": 2.0, "r1": 39.0, "txt_r1": 38.0, "img_r1": 40.0, "rsum": 290.0},
                ("itc47", 1): {"step_s": 2.0, "r1": 29.0, "txt_r1": 29.0, "img_r1": 29.0, "rsum": 240.0}}
     text, values = mining.table(args, results)
+    assert set(values) == {"full_step_s", "speedup_itc47", "r1_drop_itc47"}
     assert values["full_step_s"] == 6.0
     assert values["speedup_itc47"] == pytest.approx(3.0)
     assert values["r1_drop_itc47"] == pytest.approx(1.0)     # paired: 40-39 and 30-29

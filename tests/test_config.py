@@ -221,6 +221,27 @@ def _complete_checkpoint(ckpt: Path, step: int, cfg) -> None:
                                                  "config": training_fingerprint(cfg)}))
 
 
+def test_a_key_newer_than_the_checkpoint_is_a_change_only_away_from_its_default(tmp_path):
+    """A checkpoint or pretraining export written before train.nonfinite existed still resumes / is reused
+    while the key is at its default; set to something else, it is a change like any other."""
+    import json
+    from pipeline.config import fingerprint_changes, training_fingerprint
+    from pipeline.train.checkpoint import COMPLETE_FILE, check_resume_config, resume_point
+    cfg = _cfg(f"run_dir={tmp_path}", "checkpoint.resume=auto")
+    older = {k: v for k, v in training_fingerprint(cfg).items() if k != "train.nonfinite"}
+    assert fingerprint_changes(older, training_fingerprint(cfg)) == []
+    skipping = _cfg(f"run_dir={tmp_path}", "checkpoint.resume=auto", "train.nonfinite=skip")
+    assert fingerprint_changes(older, training_fingerprint(skipping)) == ["train.nonfinite: (absent) -> 'skip'"]
+    removed = dict(older, **{"train.retired_key": 1})
+    assert fingerprint_changes(removed, training_fingerprint(cfg)) == ["train.retired_key: 1 -> (absent)"]
+    tag = tmp_path / "checkpoints" / "step0000003"
+    tag.mkdir(parents=True)
+    (tag / COMPLETE_FILE).write_text(json.dumps({"step": 3, "world_size": 1, "config": older}))
+    check_resume_config(cfg, resume_point(cfg))
+    with pytest.raises(UserError, match=r"train\.nonfinite: \(absent\) -> 'skip'"):
+        check_resume_config(skipping, resume_point(skipping))
+
+
 def test_resume_picks_the_newest_complete_checkpoint_and_checks_its_config(tmp_path):
     from pipeline.train.checkpoint import check_resume_config, resume_point
     cfg = _cfg(f"run_dir={tmp_path}", "checkpoint.resume=auto", "train.lr=0.001")

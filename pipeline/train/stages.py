@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline import distributed as dist_utils
-from pipeline.config import ExperimentConfig, resolve_path, training_fingerprint
+from pipeline.config import ExperimentConfig, fingerprint_changes, resolve_path, training_fingerprint
 
 STAMP_NAME = "relalign_stage.json"   # beside the exported model: the training config that produced it
 
@@ -34,14 +34,16 @@ def stamp_run_id(model_dir: Path) -> Optional[str]:
 
 
 def is_cached(cfg: ExperimentConfig) -> bool:
-    """Whether the pretraining config ``cfg`` has a complete export stamped with this exact training config."""
+    """Whether the pretraining config ``cfg`` has a complete export stamped with its training config (a key added
+    to the schema since, at its default, is no change: config.fingerprint_changes)."""
     from models import RetrievalModel
     model_dir = export_dir(cfg)
     stamp = model_dir / STAMP_NAME
     if not (stamp.is_file() and RetrievalModel.is_pretrained_dir(model_dir)):
         return False
     try:
-        return json.loads(stamp.read_text(encoding="utf-8")).get("fingerprint") == training_fingerprint(cfg)
+        saved = json.loads(stamp.read_text(encoding="utf-8")).get("fingerprint")
+        return isinstance(saved, dict) and not fingerprint_changes(saved, training_fingerprint(cfg))
     except (OSError, ValueError):
         return False
 
