@@ -101,7 +101,6 @@ def start(cfg: ExperimentConfig, ds: dict, stage: str, timeout_s: Optional[float
     info = dist_utils.discover(os.environ)
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // info.local_world_size))
     acc = get_accelerator()
-    _skip_shm_comm_op(acc)
     info = init_distributed(info, acc.communication_backend_name(), timeout_s or _collective_timeout_s(cfg))
     if acc.device_name() == "cpu":
         device = torch.device("cpu")
@@ -119,9 +118,12 @@ def start(cfg: ExperimentConfig, ds: dict, stage: str, timeout_s: Optional[float
 
 
 def init_distributed(info: dist_utils.ProcessInfo, backend: str, timeout_s: float) -> dist_utils.ProcessInfo:
-    """The process group of ``info`` through DeepSpeed, from the environment we export (never mpi4py)."""
+    """The process group of ``info`` through DeepSpeed, from the environment we export (never mpi4py), without
+    DeepSpeed's JIT-built CPU shared-memory op (:func:`_skip_shm_comm_op`)."""
     from datetime import timedelta
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    _skip_shm_comm_op(get_accelerator())
     info = dist_utils.export_env(info)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s), rank=info.rank,
