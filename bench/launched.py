@@ -19,8 +19,9 @@ sys.path.insert(0, str(REPO))
 from pipeline.ablation.runner import child_env, free_port, launcher  # noqa: E402
 
 DEMO_CONFIG = REPO / "launch" / "configs" / "demo_tiny.yaml"
-# as bench/train_step.py: the preset's overrides (base at its native 224 px), then a run that trains and saves
-# its final checkpoint, and nothing else (no pretraining stage, tracking, validation, test or export)
+# the benchmarks' runs (here and bench/train_step.py): the preset's overrides (base at its native 224 px: 196
+# patch tokens), then random init (no pretraining stage), no tracking, nothing resumed, validated, tested or
+# exported; a launched run still saves its final checkpoint
 PRESET_SETS = {"tiny": ["model.preset=tiny"], "small": ["model.preset=small"],
                "base": ["model.preset=base", "data.image_size=224"]}
 RUN_SETS = ["model.pretrain_config=null", "model.init=null", "tracking.enabled=false", "checkpoint.resume=false",

@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.ablation.runner import run_logged, stage_command  # noqa: E402
 from pipeline.ablation.stats import paired_difference, summarize  # noqa: E402
+from launched import logged_step_seconds  # noqa: E402  (bench/launched.py)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,17 +78,6 @@ def run_sets(args, mode: Mode, seed: int, run_dir: Path) -> list[str]:
             "tracking.enabled=false", "eval.pictures=0"]
 
 
-def step_seconds(metrics_jsonl: Path, batch: int) -> float:
-    """Mean micro_batch / samples_per_s over the logged training windows after the first (warm-up)."""
-    rates = []
-    for line in metrics_jsonl.read_text().splitlines():
-        row = json.loads(line)
-        if "samples_per_s" in row:
-            rates.append(row["samples_per_s"])
-    rates = rates[1:] or rates
-    return sum(batch / r for r in rates) / len(rates) if rates else math.nan
-
-
 def run_one(args, mode: Mode, seed: int) -> dict:
     run_dir = Path(args.out) / mode.name / f"seed{seed}"
     metrics_file = run_dir / "test_metrics.json"
@@ -101,7 +91,8 @@ def run_one(args, mode: Mode, seed: int) -> dict:
         if code != 0 or not metrics_file.is_file():
             return {}
     test = json.loads(metrics_file.read_text())
-    return {"step_s": step_seconds(run_dir / "metrics.jsonl", args.batch), "r1": (test["txt_r1"] + test["img_r1"]) / 2,
+    return {"step_s": logged_step_seconds(run_dir / "metrics.jsonl", args.batch),
+            "r1": (test["txt_r1"] + test["img_r1"]) / 2,
             "txt_r1": test["txt_r1"], "img_r1": test["img_r1"], "rsum": test["rsum"]}
 
 

@@ -60,15 +60,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from launched import DEMO_CONFIG as DEFAULT_CONFIG, PRESET_SETS, RUN_SETS  # noqa: E402  (bench/launched.py)
 from timing import call_seconds  # noqa: E402  (bench/timing.py)
 
-DEFAULT_CONFIG = REPO / "launch" / "configs" / "demo_tiny.yaml"
-# the experiment config's overrides per preset (the base preset at its native 224 px: 196 patch tokens)
-PRESET_SETS = {"tiny": ["model.preset=tiny"], "small": ["model.preset=small"],
-               "base": ["model.preset=base", "data.image_size=224"]}
-# a benchmark run: random init (no pretraining stage), no tracking, nothing resumed, saved or exported
-RUN_SETS = ["model.pretrain_config=null", "model.init=null", "tracking.enabled=false", "checkpoint.resume=false",
-            "checkpoint.export=false", "checkpoint.every=0", "train.val_every=0", "train.grad_accum=1"]
 PHASES = ("loader_wait", "data_prep", "mining", "trained_fwd", "backward", "optimizer")
 NESTED = ("transformer_fwd", "iais", "itc")   # timed inside trained_fwd
 RESULT_KEYS = ("mfu", "mining_share", "loader_wait_share", "step_s", "bare_mfu")

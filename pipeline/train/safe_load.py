@@ -75,7 +75,8 @@ def refusal(path: Path, exc: Exception) -> str:
 def _refused_globals(path: Path) -> list[str]:
     """The globals of ``path`` outside torch's defaults and our allow-list (read from the pickle opcodes,
     nothing is executed)."""
-    allowed = {f"{t.__module__}.{t.__qualname__}" for t in deepspeed_checkpoint_types()} | {"builtins.getattr"}
+    allowed = {entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}"
+               for entry in allowed_globals()}
     try:
         return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
     except Exception:   # a pickle too odd to scan: the unpickler's own words name the culprit
