@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import re
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -506,13 +507,46 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- loading
 
+class DuplicateKey(yaml.YAMLError):
+    """A mapping names one key twice (PyYAML would keep the last value without a word)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    pass
+
+
+def _unique_key_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict:
+    first_line: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key == "<<":   # a merge key: what it merges may be overridden
+            continue
+        line = key_node.start_mark.line + 1
+        if key in first_line:
+            raise DuplicateKey(f"key {key!r} appears twice (lines {first_line[key]} and {line})")
+        first_line[key] = line
+    loader.flatten_mapping(node)
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_key_mapping)
+
+
+def load_yaml(text: str):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (DuplicateKey)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise UserError(f"config file {path} {what}; pass an existing YAML file to --config")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as exc:
         raise UserError(f"config file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
+    except DuplicateKey as exc:
+        raise UserError(f"config file {path}: {exc}; keep one of them") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" (line {mark.line + 1})" if mark is not None else ""
@@ -529,7 +563,9 @@ def apply_override(raw: dict, assignment: str) -> None:
     key, text = assignment.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = load_yaml(text) if text.strip() else None
+    except DuplicateKey as exc:
+        raise UserError(f"--set {assignment!r}: {exc}; keep one of them") from None
     except yaml.YAMLError:
         raise UserError(f"--set {assignment!r}: the value is not valid YAML") from None
     parts = key.split(".")
@@ -585,6 +621,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
           "config 'model.init' and 'model.pretrain_config' are both set: give one (pretrain_config pretrains on "
           "first use and initialises from its exported model)")
     _at_least(cfg.checkpoint.every, 0, "checkpoint.every", "save every N steps, or 0 for only at the end")
+    _need(0 <= cfg.seed < 2 ** 32, f"config 'seed' = {cfg.seed} must be in 0..{2 ** 32 - 1} (numpy's seed range)")
     cfg.tracking.validate()
     _need(cfg.data.synthetic is not None or cfg.data.root is not None or cfg.data.train is not None
           or bool(cfg.pretrain.sources), "config 'data' names no data: set data.train (shards) or data.synthetic")
@@ -640,6 +677,9 @@ def _check_finetune(ft: FinetuneConfig) -> None:
     _at_least(ft.iais.weight, 0, "finetune.iais.weight", "give a weight, or 0 (or iais.alignment: none) for no IAIS")
     _need(all(isinstance(x, int) and not isinstance(x, bool) for x in ft.iais.layers),
           f"config 'finetune.iais.layers' = {ft.iais.layers} must be a list of layer indices")
+    _need(bool(ft.iais.layers) or ft.iais.alignment == "none",
+          f"config 'finetune.iais.layers' = [] names no layer for IAIS ({ft.iais.alignment}): give layer indices "
+          f"(e.g. [-1], the last) or set finetune.iais.alignment=none")
 
 
 def _check_pretrain(cfg: ExperimentConfig) -> None:
@@ -706,8 +746,12 @@ def check_output_dir(path: str | Path, what: str) -> None:
     existing = next(p for p in (target, *target.parents) if p.exists())
     if not existing.is_dir():
         raise UserError(f"{what} {path}: {existing} is a file, not a directory; give another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{what} {path}: {existing} is not writable; give a directory you can write")
+    try:   # a probe file: modes say nothing for root, a read-only mount or /proc does
+        with tempfile.TemporaryFile(dir=existing, prefix=".relalign_write_check"):
+            pass
+    except OSError as exc:
+        raise UserError(f"{what} {path}: cannot write in {existing} ({exc.strerror}); give a directory you can "
+                        f"write") from None
 
 
 # ----------------------------------------------------------------------------- DeepSpeed JSON

@@ -13,13 +13,20 @@ class UserError(Exception):
     exit_code = 2
 
 
+class JobFault(Exception):
+    """A fault of the job, not of its input (a rank lost mid-run): one line `error: ...`, exit code 1."""
+
+    exit_code = 1
+
+
 def exit_code_of(action: Callable[[], object]) -> int:
-    """Run an entry point's work and return its exit code: the int it returns, else 0; a UserError becomes
-    one line `error: ...` on stderr and exit code 2."""
+    """Run an entry point's work and return its exit code: the int it returns, else 0; a UserError (or JobFault)
+    becomes one line `error: ...` on stderr and its exit code (2, or 1)."""
     try:
         result = action()
         return result if isinstance(result, int) else 0
-    except UserError as exc:
+    except (UserError, JobFault) as exc:
         one_line = " ".join(str(exc).split())   # a message quoting a file or a parser may hold newlines
-        print(f"error: {one_line}", file=sys.stderr, flush=True)
+        if one_line:   # empty: another rank reports the same fault
+            print(f"error: {one_line}", file=sys.stderr, flush=True)
         return exc.exit_code

@@ -62,6 +62,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bad_input")
     (root / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
     (root / "malformed.yaml").write_text("train: [steps: 1\n")
+    (root / "key_twice.yaml").write_text("data: {synthetic: {}}\ntrain: {steps: 5}\nseed: 1\ntrain: {lr: 0.001}\n")
     (root / "latin1.json").write_bytes('{"note": "caf\xe9"}'.encode("latin-1"))
     (root / "notjson.json").write_text("{not json")
     zero2 = json.loads(ZERO2.read_text())
@@ -84,6 +85,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     write_split([one], root / "one", "train", progress=False)
     write_split([], root / "empty", "val", progress=False)
     write_shard_variants(root)
+    write_feature_splits(root)
     (root / "taken").write_text("a file, not a directory\n")
     (root / "latest_only").mkdir()
     (root / "latest_only" / "latest").write_text("step9\n")
@@ -109,6 +111,23 @@ def write_shard_variants(root: Path) -> None:
     (root / "zero_byte_no_manifest" / "00001.tar").write_bytes(b"")
     (root / "zero_byte_no_manifest" / "manifest.json").unlink()
     (root / "zero.tar").write_bytes(b"")
+
+
+def region_npz(width: int) -> bytes:
+    out = io.BytesIO()
+    np.savez(out, features=np.ones((2, width), np.float32), boxes=np.array([[0, 0, 8, 8], [8, 8, 16, 16]], np.float32),
+             image_size=np.array([16, 16]))
+    return out.getvalue()
+
+
+def write_feature_splits(root: Path) -> None:
+    """feat8: images with 8-d region features; npz_only: region features and captions, no image member."""
+    with_features = [Sample(key=f"f{i}", image=jpeg_bytes(), image_ext="jpg", meta={"captions": ["a red square"]},
+                            npz=region_npz(8)) for i in range(2)]
+    write_split(with_features, root / "feat8", "train", progress=False)
+    (root / "npz_only").mkdir()
+    tar_of(root / "npz_only" / "00000.tar", [(f"n{i}.{ext}", data) for i in range(2) for ext, data in
+                                             (("npz", region_npz(8)), ("txt", b"a red square"))])
 
 
 def edit_manifest(split: Path, change) -> None:
@@ -209,6 +228,25 @@ FINETUNE_ROWS = [
      ["model.init", "step9", "does not exist"]),
     ("init_file_not_a_checkpoint", sets("model.pretrain_config=null", "model.init=@taken"),
      ["model.init", "taken", ".pt"]),
+    # found by a second probe: a traceback mid-training, or accepted and then wrong
+    ("iais_layers_empty", sets("finetune.iais.layers=[]"), ["finetune.iais.layers", "names no layer"]),
+    ("seed_beyond_numpy", sets("seed=99999999999"), ["seed", "99999999999", "0..4294967295"]),
+    ("seed_negative", sets("seed=-1"), ["seed", "-1"]),
+    ("tracking_uri_unknown_scheme", sets("tracking.enabled=true", "tracking.tracking_uri=ftp://host/mlruns"),
+     ["tracking.tracking_uri", "ftp://host/mlruns", "no tracking store", "'ftp'", "http"]),
+    ("yaml_key_twice", ["--config", "@key_twice.yaml"], ["key_twice.yaml", "'train' appears twice", "lines 2 and 4"]),
+    ("set_value_key_twice", sets("model.overrides={dropout: 0.1, dropout: 0.2}"),
+     ["model.overrides", "'dropout' appears twice"]),
+    ("config_is_a_directory", ["--config", "@empty"], ["config file", "is a directory"]),
+    # training shards that cannot feed the model: refused at start-up, not after every sample was skipped
+    ("features_mode_on_image_shards", real_split("@one") + sets("data.image_mode=features",
+                                                                "model.overrides={image: {feat_dim: 8}}"),
+     ["data.train", "no .npz region features", "data.image_mode is features"]),
+    ("region_features_of_another_width", real_split("@feat8") + sets("data.image_mode=features",
+                                                                     "model.overrides={image: {feat_dim: 5}}"),
+     ["data.train", "8-d region features", "model.image.feat_dim is 5"]),
+    ("patch_mode_on_feature_only_shards", real_split("@npz_only"),
+     ["data.train", "no image", "data.image_mode is patch", "data.image_mode=features"]),
 ]
 
 
@@ -370,7 +408,26 @@ MAKE_SHARDS_ROWS = [
      lambda t, i: ["table", "--input", str(csv_table(t, '{"image": "a.jpg", "caption": 7}\n', "pairs.jsonl")),
                    "--images", str(i), "--out", str(t / "o")],
      ["pairs.jsonl:1", "caption"]),
+    # found by a second probe: a traceback, and PIL's object repr as the reason
+    ("out_where_nothing_can_be_written",
+     lambda t, i: ["table", "--input", str(csv_table(t, "image,caption\na.jpg,x\n", "pairs.csv")), "--images", str(i),
+                   "--out", "/proc/relalign_out"],
+     ["--out", "/proc/relalign_out", "cannot write in /proc"]),
+    ("image_not_an_image",
+     lambda t, i: ["table", "--input", str(csv_table(t, "image,caption\npairs.csv,x\n", "pairs.csv")), "--images",
+                   str(t), "--out", str(t / "o")],
+     ["pairs.csv", "not an image file PIL can read"]),
 ]
+
+
+def test_make_shards_reads_a_csv_with_a_byte_order_mark(images, tmp_path, capsys):
+    """Spreadsheets export UTF-8 CSV with a BOM; its header's first column was '\ufeffimage' (no column 'image')."""
+    table = tmp_path / "pairs.csv"
+    table.write_text("image,caption\na.jpg,a red square\n", encoding="utf-8-sig")
+    code = make_shards.main(["table", "--input", str(table), "--images", str(images), "--out", str(tmp_path / "o"),
+                             "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["samples"] == 1
 
 
 @pytest.mark.parametrize("make_args,names", [row[1:] for row in MAKE_SHARDS_ROWS],
@@ -412,6 +469,18 @@ EVALUATE_ROWS = [
     ("model_checkpoint_without_config", lambda t, m: ["--model", str(latest_without_tag(t, None)), "--out",
                                                       str(t / "out"), "--shards", str(t / "no_split")],
      ["--model", "config.json", "--model-config"]),
+    # found by a second probe: accepted, then ignored
+    ("threads_negative", lambda t, m: ["--model", str(m), "--out", str(t / "out"), "--threads", "-3"],
+     ["--threads -3", ">= 1"]),
+    ("timeout_zero", lambda t, m: ["--model", str(m), "--out", str(t / "out"), "--timeout-s", "0"],
+     ["--timeout-s 0", "> 0"]),
+    ("tag_for_a_save_pretrained_dir", lambda t, m: ["--model", str(m), "--out", str(t / "out"), "--tag", "step99",
+                                                    "--shards", str(t / "no_split")],
+     ["save_pretrained directory", "--tag", "DeepSpeed checkpoint directory"]),
+    ("model_config_for_a_save_pretrained_dir", lambda t, m: ["--model", str(m), "--out", str(t / "out"),
+                                                             "--model-config", str(m / "config.json"),
+                                                             "--shards", str(t / "no_split")],
+     ["save_pretrained directory", "--model-config"]),
 ]
 
 
@@ -517,6 +586,26 @@ def test_make_shards_stores_exif_rotated_images_upright(max_side, tmp_path):
     assert np.abs(red - (255, 0, 0)).max() <= 8 and np.abs(blue - (0, 0, 255)).max() <= 8
 
 
+def tiff_of(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="TIFF")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("array,grey", [(np.full((8, 8), 32768, np.uint16), 127),
+                                        (np.full((8, 8), 0.5, np.float32), 128)], ids=["sixteen_bit", "float"])
+def test_make_shards_scales_a_wide_tiff_to_8_bits(array, grey, tmp_path):
+    """launch/make_shards.py re-encodes a TIFF: a 16-bit one came out white (clipped at 255), a float one
+    black (cast); both now come out grey, as the loader decodes the same pixels."""
+    from pipeline.data.decode import DecodeSpec, decode_image
+    from pipeline.data.sources import ImageOptions, load_image
+    path = tmp_path / "wide.tif"
+    path.write_bytes(tiff_of(array))
+    data, ext, _, _, _ = load_image(path, ImageOptions())
+    pixels, _ = decode_image(data, DecodeSpec(8, (0.5,) * 3, (0.5,) * 3, 8, "patch", 4, "nearest"))
+    assert ext == "jpg" and np.abs(pixels.astype(int) - grey).max() <= 3, pixels[0, 0]
+
+
 @pytest.mark.parametrize("side", [20, 30], ids=["bomb_warning", "bomb_error"])
 def test_decompression_bomb_is_a_bad_image(side, monkeypatch):
     """Above MAX_IMAGE_PIXELS PIL only warns (and decodes: a huge allocation); above twice that it raises."""
@@ -539,8 +628,11 @@ def tar_of(path: Path, members: list[tuple[str, bytes]]) -> Path:
 
 
 def test_bomb_and_duplicate_members_in_a_shard_are_counted_skips(tmp_path, monkeypatch, tiny_data):
-    """A shard with a decompression bomb (skipped, counted `bad_image`) and a sample whose image member repeats
-    (the repeat is skipped and counted `duplicate_member`; the sample keeps its first image): the rest trains."""
+    """A shard with a decompression bomb (skipped, counted `bad_image`), a sample whose image member repeats
+    (the repeat is skipped and counted `duplicate_member`; the sample keeps its first image) and a key that comes
+    back later in the shard (its second sample skipped, counted `duplicate_key`): the rest trains, and the
+    evaluation reader counts the same."""
+    from pipeline.data.eval_split import load_eval_split
     from pipeline.data.loader import LoaderConfig, StreamingLoader
     from pipeline.data.tokenizer import load_tokenizer
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)
@@ -548,14 +640,19 @@ def test_bomb_and_duplicate_members_in_a_shard_are_counted_skips(tmp_path, monke
     members = [(f"k{i}.{ext}", data) for i in range(4) for ext, data in (("png", small), ("txt", b"a red square"))]
     members += [("bomb.png", encoded(Image.new("RGB", (30, 30)))), ("bomb.txt", b"a black square")]
     members += [("dup.png", small), ("dup.png", small), ("dup.txt", b"twice")]
+    members += [("k1.png", small), ("k1.txt", b"k1 again, not next to its first sample")]
     split = tmp_path / "split"
     split.mkdir()
     tar_of(split / "00000.tar", members)
-    loader = StreamingLoader(LoaderConfig(shards=str(split), batch_size=2, image_size=16, num_workers=0,
-                                          shuffle=False), load_tokenizer(tiny_data["tokenizer"]))
+    tokenizer = load_tokenizer(tiny_data["tokenizer"])
+    cfg = LoaderConfig(shards=str(split), batch_size=2, image_size=16, num_workers=0, shuffle=False)
+    loader = StreamingLoader(cfg, tokenizer)
     keys = [k for batch in loader for k in batch["keys"]]
     assert set(keys) == {"k0", "k1", "k2", "k3", "dup"} and len(keys) == 2 * loader.batches_per_epoch
-    assert loader.skipped == {"bad_image": 1, "duplicate_member": 1}
+    assert loader.skipped == {"bad_image": 1, "duplicate_member": 1, "duplicate_key": 1}
+    evaluated = load_eval_split(str(split), tokenizer, cfg)
+    assert evaluated.image_keys == ["k0", "k1", "k2", "k3", "dup"]
+    assert evaluated.skipped == {"bad_image": 1, "duplicate_member": 1, "duplicate_key": 1}
 
 
 # ----------------------------------------------------------------------------- real runs: failures after start-up

@@ -179,6 +179,9 @@ def test_training_starts_deepspeed_from_the_discovered_env_with_the_timeout(monk
     from pipeline.train import runtime
     calls = []
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: calls.append(kw))
+    from torch.distributed import distributed_c10d
+    for default in ("default_pg_timeout", "default_pg_nccl_timeout"):   # set by init_distributed: restored after
+        monkeypatch.setattr(distributed_c10d, default, getattr(distributed_c10d, default))
     for name in discover({}).env():   # every variable export_env writes, restored after the test
         monkeypatch.delenv(name, raising=False)
     info = runtime.init_distributed(discover({}), "gloo", timeout_s=90)
@@ -200,17 +203,22 @@ def test_the_collective_timeout_comes_from_the_config():
 
 
 ONE_PROCESS = """
+import torch
 import torch.distributed as dist
 from pipeline import distributed
 from pipeline.train import runtime
 runtime.init_distributed(distributed.discover({}), "gloo", timeout_s=60)
 print("world", dist.get_world_size(), flush=True)
+from deepspeed.utils import groups   # ZeRO reduces over this clone: it had torch's 30-minute default
+clone = groups._clone_world_group()
+print("clone timeout", clone._get_backend(torch.device("cpu")).options._timeout.total_seconds(), flush=True)
 """
 
 
 @pytest.mark.slow
 def test_one_process_without_any_launcher_env_starts_deepspeed_without_mpi(tmp_path):
-    """...and without JIT-building DeepSpeed's CPU shm op (40-85 s cold): gloo does the collectives."""
+    """...and without JIT-building DeepSpeed's CPU shm op (40-85 s cold): gloo does the collectives; the groups
+    DeepSpeed makes later time out after the collective timeout too."""
     env = srun_like_env(0, 1)
     env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
     extensions = tmp_path / "torch_extensions"
@@ -218,5 +226,5 @@ def test_one_process_without_any_launcher_env_starts_deepspeed_without_mpi(tmp_p
     done = subprocess.run([sys.executable, "-c", ONE_PROCESS], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "world 1"
+    assert done.stdout.strip().splitlines()[-2:] == ["world 1", "clone timeout 60.0"]
     assert not list(extensions.rglob("*shm*")), sorted(extensions.rglob("*"))

@@ -355,6 +355,7 @@ sys.path.insert(0, sys.argv[3])
 from test_loader import cfg
 from pipeline.data.loader import StreamingLoader
 from pipeline.data.tokenizer import load_tokenizer
+from pipeline.errors import JobFault
 
 
 def children():
@@ -371,7 +372,7 @@ try:
     for _ in range(10_000):
         next(batches)
     print("no error", flush=True)
-except RuntimeError as exc:
+except JobFault as exc:
     print(f"after {time.monotonic() - start:.1f} s: {exc}", flush=True)
 os._exit(0)   # what the loader's threads do at interpreter exit after the kill is not this test's question
 """
@@ -383,5 +384,7 @@ def test_a_killed_data_worker_is_an_error_within_seconds_not_a_hang(split, tok):
     proc = subprocess.run([sys.executable, "-c", KILLED_WORKER, str(split), str(tok.path), str(Path(__file__).parent)],
                           capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    match = re.search(r"after ([0-9.]+) s: .*DataLoader worker", proc.stdout)
+    # torch's RuntimeError naming the worker, or (killed while it handed over a batch) the broken connection
+    match = re.search(r"after ([0-9.]+) s: rank 0: a data-loader worker of shards .* died \((DataLoader worker|"
+                      r"EOFError|.*Connection)", proc.stdout)
     assert match and float(match.group(1)) < 30, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -309,3 +309,16 @@ def test_nonfinite_skip_with_gradient_accumulation_is_refused_before_any_step(tm
     with pytest.raises(UserError, match="train.nonfinite=skip needs one micro-batch per step"):
         loop.train(run, engine, keyed_hooks(NanAtStep(bad=2)), FakeTracker(), start_step=0)
     assert engine.calls == []
+
+
+def test_step_generators_of_the_largest_seed_do_not_overflow():
+    """The seed x step mix passed torch's 64-bit seed range from seed ~4.5 million on (a traceback at step 1)."""
+    from pipeline.config import load_config
+    small = load_config(None, ["data.synthetic={}", "seed=7"])
+    largest = load_config(None, ["data.synthetic={}", f"seed={2 ** 32 - 1}"])
+    draws = {int(torch.randint(2 ** 62, (1,), generator=T.step_generator(largest, step, rank)))
+             for step in (0, 10 ** 6) for rank in (0, 63)}
+    assert len(draws) == 4
+    before = ((7 * 1_000_003 + 5) * 65_537 + 1) * 31 + 2   # below 2**63: the same generator as before the fix
+    assert torch.equal(torch.rand(3, generator=T.step_generator(small, 5, 1, salt=2)),
+                       torch.rand(3, generator=torch.Generator().manual_seed(before)))

@@ -11,7 +11,7 @@ import json
 import tarfile
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -111,11 +111,16 @@ def decode_image(data: bytes, spec: DecodeSpec) -> tuple[np.ndarray, tuple[int, 
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB of any PIL mode; 16/32-bit integer images are scaled to 8 bits instead of clipped at 255."""
+    """RGB of any PIL mode; 16/32-bit integer images are scaled to 8 bits instead of clipped at 255, and float
+    ("F") images from [0, 1] (or [0, max] when brighter) instead of cast."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         wide = np.asarray(img).astype(np.int64)
         top = 65535 if img.mode.startswith("I;16") or wide.max(initial=0) <= 65535 else wide.max()
         img = Image.fromarray((np.clip(wide, 0, top) * 255 // max(top, 1)).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        top = max(1.0, float(values.max(initial=0.0)))
+        img = Image.fromarray(np.round(np.clip(values, 0.0, top) * 255 / top).astype(np.uint8), mode="L")
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
@@ -351,6 +356,26 @@ class SkipCounter:
             self.add("tar_error")
         return True
 
+    def drop_repeated_keys(self, samples: Iterator[dict]) -> Iterator[dict]:
+        """A WebDataset stage: a key seen earlier in the same shard (not next to it, so the tar reader made
+        it a second sample) is skipped and counted ``duplicate_key``; the first sample of the key is kept."""
+        url, seen = None, set()
+        for sample in samples:
+            if sample.get("__url__") != url:
+                url, seen = sample.get("__url__"), set()
+            if sample["__key__"] in seen:
+                self.add("duplicate_key")
+                continue
+            seen.add(sample["__key__"])
+            yield sample
+
     def take(self) -> dict[str, int]:
         out, self.counts = self.counts, {}
         return out
+
+
+def tar_samples(counter: SkipCounter) -> list:
+    """The WebDataset stages that turn a shard list into samples: the tar reader (our members only, errors
+    counted by ``counter``), then repeated keys dropped."""
+    import webdataset as wds
+    return [wds.tarfile_to_samples(handler=counter.handler, select_files=select_member), counter.drop_repeated_keys]

@@ -10,7 +10,7 @@ import torch
 import webdataset as wds
 
 from pipeline.data.decode import (BadSample, SkipCounter, captions_of, collate_image, decode_image_part,
-                                  encode_caption, parse_meta, select_member)
+                                  encode_caption, parse_meta, tar_samples)
 from pipeline.config import is_remote
 from pipeline.data.shards import MANIFEST_NAME, read_beside, resolve_shards
 from pipeline.errors import UserError
@@ -232,8 +232,7 @@ def load_eval_split(path: str, tokenizer, cfg) -> EvalData:
     spec = cfg.decode_spec()
     counter = SkipCounter()
     shards = resolve_shards(path)
-    pipe = wds.DataPipeline(wds.SimpleShardList([s.url for s in shards]),
-                            wds.tarfile_to_samples(handler=counter.handler, select_files=select_member))
+    pipe = wds.DataPipeline(wds.SimpleShardList([s.url for s in shards]), *tar_samples(counter))
     keys, image_parts, centres, boxes, captions, texts, text_to_image = [], [], [], [], [], [], []
     for sample in pipe:
         key = sample["__key__"]

@@ -26,10 +26,10 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.decode import (BadSample, DecodeSpec, SkipCounter, collate, decode_train_sample, select_member,
+from pipeline.data.decode import (BadSample, DecodeSpec, SkipCounter, collate, decode_train_sample, tar_samples,
                                   stable_id)
 from pipeline.config import check_loader_values
-from pipeline.errors import UserError
+from pipeline.errors import JobFault, UserError
 from pipeline.data.shards import Shard, resolve_shards
 
 
@@ -169,8 +169,7 @@ class _RankStream(IterableDataset):
                 random.Random(_seed("wrap", *tag)).shuffle(urls)
         if not urls:
             return iter(())
-        stages = [wds.SimpleShardList(urls),
-                  wds.tarfile_to_samples(handler=counter.handler, select_files=select_member)]
+        stages = [wds.SimpleShardList(urls), *tar_samples(counter)]
         if cfg.shuffle:
             # The RNG is created here, inside the worker: one handed in would be copied to every worker.
             initial = min(cfg.shuffle_buffer, 100)
@@ -294,6 +293,12 @@ class StreamingLoader:
                     batch, skipped = next(source)
                 except UserError as exc:
                     raise UserError(_own_message(exc)) from None
+                except (RuntimeError, EOFError, ConnectionError) as exc:
+                    if self.cfg.num_workers == 0 or not _worker_died(exc):
+                        raise
+                    raise JobFault(f"rank {self.rank}: a data-loader worker of shards {self.cfg.shards} died "
+                                   f"({_first_line(exc)}); the run stops. If it was killed for memory, lower "
+                                   f"data.num_workers or data.shuffle_buffer, then resume") from exc
                 except StopIteration:
                     raise UserError(f"shards {self.cfg.shards}: the stream of rank {self.rank} ended before "
                                     f"{self.batches_per_epoch} batches (unreadable shards? skipped: "
@@ -306,6 +311,16 @@ class StreamingLoader:
             del source   # shuts the DataLoader workers down
         if self._consumed >= self.batches_per_epoch:
             self.set_epoch(self.epoch + 1)
+
+
+def _worker_died(exc: BaseException) -> bool:
+    """torch reports a dead worker as a RuntimeError naming it; when the worker dies while handing over a batch
+    (shared-memory file descriptors), the main process gets the broken connection instead."""
+    return isinstance(exc, (EOFError, ConnectionError)) or "DataLoader worker" in str(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def _own_message(exc: UserError) -> str:

@@ -2,10 +2,14 @@
 hold samples, unless the synthetic dataset will be built into them."""
 from __future__ import annotations
 
+import io
+import itertools
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import braceexpand
+import numpy as np
+import webdataset as wds
 
 from pipeline.config import ExperimentConfig, SyntheticConfig, is_remote, resolve_path, split_path
 from pipeline.data.shards import read_manifest, resolve_shards, verify_local_shards
@@ -67,13 +71,16 @@ def _check_synthetic_split(synthetic: SyntheticConfig, split: str) -> None:
                         + (" (or set eval.test=false)" if split == "test" else ""))
 
 
-def validate_paths(cfg: ExperimentConfig, stage: Literal["pretrain", "finetune"]) -> None:
-    """Shard paths must exist, and hold samples, unless the synthetic dataset will be built into them."""
+def validate_paths(cfg: ExperimentConfig, stage: Literal["pretrain", "finetune"],
+                   feat_dim: Optional[int] = None) -> None:
+    """Shard paths must exist, and hold samples, unless the synthetic dataset will be built into them; the
+    training shards' first samples must fit the image mode and ``feat_dim`` (:func:`check_samples_fit`)."""
     builds = cfg.data.synthetic is not None
     if stage == "pretrain" and cfg.pretrain.sources:
         for i, s in enumerate(cfg.pretrain.sources):
             check_shards_exist(s.shards, f"pretrain.sources[{i}].shards")
             check_split_not_empty(s.shards, "train", f"pretrain.sources[{i}].shards")
+            check_samples_fit(s.shards, f"pretrain.sources[{i}].shards", cfg.data.image_mode, feat_dim)
     splits = ["train"] if stage == "pretrain" and not cfg.pretrain.sources else []
     if stage == "finetune":
         splits = ["train", "val"] + (["test"] if cfg.eval.test else [])
@@ -87,12 +94,54 @@ def validate_paths(cfg: ExperimentConfig, stage: Literal["pretrain", "finetune"]
         field_name = f"data.{split}" if getattr(cfg.data, split) else f"data.root ({split}/)"
         check_shards_exist(spec, field_name)
         check_split_not_empty(spec, split, field_name)
+        if split == "train":
+            check_samples_fit(spec, field_name, cfg.data.image_mode, feat_dim)
     if cfg.data.tokenizer and not resolve_path(cfg.data.tokenizer).is_file():
         raise UserError(f"config 'data.tokenizer' = {cfg.data.tokenizer}: no such file; give a .model or vocab .txt")
     if cfg.data.relations:
         check_shards_exist(cfg.data.relations, "data.relations")
     if cfg.model.init and not cfg.model.pretrain_config:
         check_init_checkpoint(cfg.model.init)
+
+
+FIRST_SAMPLES = 8   # read at start-up; one corrupt sample among them is the loader's counted skip, not a refusal
+
+
+def check_samples_fit(spec: str, field_name: str, image_mode: str, feat_dim: Optional[int]) -> None:
+    """UserError when none of the first samples of local shards ``spec`` can feed the model: no image member
+    in patch/roi mode, no ``.npz`` in features mode, or region features all of another width than
+    ``model.image.feat_dim``. Otherwise every sample would be skipped, and the run would end only when the
+    loader found nothing left to decode."""
+    if is_remote(spec):
+        return
+    from pipeline.data.decode import IMAGE_EXTS, SkipCounter, tar_samples
+    shards = resolve_shards(str(resolve_path(spec)))
+    pipe = wds.DataPipeline(wds.SimpleShardList([s.url for s in shards[:1]]), *tar_samples(SkipCounter()))
+    samples = list(itertools.islice(pipe, FIRST_SAMPLES))
+    if not samples:
+        return   # an unreadable first shard is the loader's counted skip
+    where = f"config '{field_name}' = {spec}: its first {len(samples)} sample(s) (from {shards[0].url})"
+    if image_mode == "features":
+        if not any("npz" in s for s in samples):
+            raise UserError(f"{where} hold no .npz region features, but data.image_mode is features: make the "
+                            f"shards with launch/make_shards.py --features, or set data.image_mode to patch or roi")
+        widths = {w for w in map(_feature_width, (s["npz"] for s in samples if "npz" in s)) if w is not None}
+        if feat_dim is not None and widths and feat_dim not in widths:
+            raise UserError(f"{where} hold {'/'.join(map(str, sorted(widths)))}-d region features, but "
+                            f"model.image.feat_dim is {feat_dim}: set model.overrides.image.feat_dim to "
+                            f"their width, or extract the features at {feat_dim}-d")
+    elif not any(ext in s for s in samples for ext in IMAGE_EXTS):
+        raise UserError(f"{where} hold no image ({', '.join(IMAGE_EXTS)}), but data.image_mode is {image_mode}: "
+                        f"for region-feature shards set data.image_mode=features")
+
+
+def _feature_width(data: bytes) -> Optional[int]:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            features = z["features"]
+            return int(features.shape[1]) if features.ndim == 2 else None
+    except (OSError, ValueError, KeyError, EOFError):
+        return None   # the loader counts it as bad_npz
 
 
 def check_init_checkpoint(init: str) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import UserError
+from pipeline.data.decode import to_rgb
 from pipeline.data.shards import Sample
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
@@ -64,9 +65,10 @@ def load_image(path: Path, opts: ImageOptions) -> tuple[bytes, str, int, int, fl
             scale = min(1.0, opts.max_side / max(w, h)) if opts.max_side else 1.0
             if fmt in _PASS_THROUGH and scale == 1.0 and not rotated:
                 return raw, _PASS_THROUGH[fmt], w, h, 1.0
-            rgb = upright.convert("RGB")
+            rgb = to_rgb(upright)   # a 16-bit TIFF is scaled to 8 bits, as the loader does, not clipped to white
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot decode image {path}: {e}") from None
+        why = "not an image file PIL can read" if isinstance(e, UnidentifiedImageError) else str(e)
+        raise UserError(f"cannot decode image {path}: {why}") from None
     if scale < 1.0:
         rgb = rgb.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
     out = io.BytesIO()
@@ -208,7 +210,7 @@ def read_table(path: Path, image_column: str = "image", caption_column: str = "c
 
 def _csv_rows(path: Path, fmt: str) -> Iterator[tuple[int, dict]]:
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:   # -sig: spreadsheets write a byte-order mark
             reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
             for row in reader:
                 _check_field_count(row, reader.fieldnames, path, reader.line_num, fmt)

@@ -17,6 +17,10 @@ def load_model(path: str, model_config: Optional[str] = None, tag: Optional[str]
     from pipeline.train.build import pretrained_model
     model_dir = Path(path)
     if RetrievalModel.is_pretrained_dir(model_dir):
+        given = [name for name, value in (("--tag", tag), ("--model-config", model_config)) if value is not None]
+        if given:   # they would be ignored: the directory's own config and weights are what gets evaluated
+            raise UserError(f"--model {path} is a save_pretrained directory: {' and '.join(given)} apply only to "
+                            f"a DeepSpeed checkpoint directory; drop them, or give the checkpoints directory")
         return pretrained_model(model_dir, f"--model {path}")
     if not (model_dir / "latest").is_file() and tag is None:
         raise UserError(f"--model {path}: neither a save_pretrained directory (config.json + "

@@ -36,6 +36,12 @@ class EvalJob:
     mlflow_run_id: Optional[str] = None
     experiment: str = "relalign-eval"
 
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise UserError(f"--threads {self.threads}: give a number of threads >= 1, or 0 for torch's default")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise UserError(f"--timeout-s {self.timeout_s:g}: give the collective timeout in seconds (> 0)")
+
 
 def select_device(name: str, local_rank: int) -> torch.device:
     """``auto`` (cuda when available), ``cpu`` or ``cuda``: this rank's device."""

@@ -74,6 +74,22 @@ def resolve_tracking_uri(cfg: TrackingConfig, output_dir: str | os.PathLike) -> 
     return "sqlite:///" + str(Path(output_dir).resolve() / "mlflow.db")
 
 
+def check_tracking_uri(uri: str, what: str) -> None:
+    """UserError unless MLflow has a tracking store for ``uri``'s scheme (its registry: file paths, http(s),
+    databases, Databricks, and any plugin's). Without this an ``ftp://`` URI only showed up as a run whose
+    metrics all went to the local spool."""
+    from urllib.parse import urlparse
+    from mlflow.tracking._tracking_service import utils
+    registry = getattr(utils, "_tracking_store_registry", None)
+    schemes = getattr(registry, "_registry", None)
+    scheme = urlparse(uri).scheme
+    if schemes is None or scheme in schemes or (len(scheme) == 1 and os.name == "nt"):
+        return
+    from pipeline.errors import UserError
+    raise UserError(f"config '{what}' = {uri}: MLflow has no tracking store for the scheme {scheme!r}; use one of "
+                    f"{', '.join(sorted(k for k in schemes if k))}, or a local path")
+
+
 def _local_artifact_location(uri: str) -> str | None:
     """Artifact root for a new experiment in a local sqlite store: a folder next to the db file.
 

@@ -54,8 +54,11 @@ def prepare(stage: str, config_path: Optional[str], overrides: list[str],
     if stage == "finetune" and cfg.model.pretrain_config:
         from pipeline.train.stages import with_stage_init
         cfg = with_stage_init(cfg)
-    validate_model_config(cfg)
-    validate_paths(cfg, stage)
+    if cfg.tracking.enabled and cfg.tracking.tracking_uri:
+        from pipeline.tracking.common import check_tracking_uri
+        check_tracking_uri(cfg.tracking.tracking_uri, "tracking.tracking_uri")
+    feat_dim = validate_model_config(cfg)
+    validate_paths(cfg, stage, feat_dim)
     check_run_dir_writable(cfg.run_dir)
     accelerator = accelerator_name()
     bf16 = accelerator != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -83,14 +86,15 @@ def check_run_dir_writable(run_dir: str) -> None:
                         f"writable run_dir") from None
 
 
-def validate_model_config(cfg: ExperimentConfig) -> None:
+def validate_model_config(cfg: ExperimentConfig) -> Optional[int]:
     """The model config resolves exactly as build_model will resolve it, and the layers that finetune.iais.layers
-    and eval.isd_layer name exist in it."""
+    and eval.isd_layer name exist in it. Returns its region-feature width (None outside features mode)."""
     from pipeline.train.build import model_config
-    num_layers = model_config(cfg).num_layers
+    model = model_config(cfg)
     iais_layers = cfg.finetune.iais.layers
-    check_layer_indices(iais_layers, num_layers, f"config 'finetune.iais.layers' = {iais_layers}")
-    check_layer_indices([cfg.eval.isd_layer], num_layers, f"config 'eval.isd_layer' = {cfg.eval.isd_layer}")
+    check_layer_indices(iais_layers, model.num_layers, f"config 'finetune.iais.layers' = {iais_layers}")
+    check_layer_indices([cfg.eval.isd_layer], model.num_layers, f"config 'eval.isd_layer' = {cfg.eval.isd_layer}")
+    return model.image.feat_dim
 
 
 def start(cfg: ExperimentConfig, ds: dict, stage: str, timeout_s: Optional[float] = None) -> Run:
@@ -128,7 +132,18 @@ def init_distributed(info: dist_utils.ProcessInfo, backend: str, timeout_s: floa
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s), rank=info.rank,
                                world_size=info.world_size)
+    _later_groups_time_out_after(timedelta(seconds=timeout_s))
     return info
+
+
+def _later_groups_time_out_after(timeout) -> None:
+    """DeepSpeed builds its own process groups with ``new_group(ranks)`` and no timeout (ZeRO reduces over its
+    clone of the world group), and torch gives those its 30-minute default: a hung rank stalled them that long,
+    whatever ``train.collective_timeout_s`` said. torch reads that default when a group is made, so setting it
+    here gives every later group the collective timeout."""
+    from torch.distributed import distributed_c10d
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 def _collective_timeout_s(cfg: ExperimentConfig) -> float:
@@ -170,7 +185,7 @@ def seed_everything(seed: int) -> None:
 def step_generator(cfg: ExperimentConfig, step: int, rank: int, salt: int = 0) -> torch.Generator:
     """RNG for a step's random choices: a pure function of (seed, step, rank), so resume needs no state."""
     g = torch.Generator()
-    g.manual_seed(((cfg.seed * 1_000_003 + step) * 65_537 + rank) * 31 + salt)
+    g.manual_seed((((cfg.seed * 1_000_003 + step) * 65_537 + rank) * 31 + salt) % 2 ** 64)   # torch's seed range
     return g
 
 
