@@ -68,6 +68,8 @@ def test_child_tags_override_keeps_dotted_keys_and_string_values():
     (["--seeds", "0"], "at least 1 seed"),
     (["--config", "no/such.yaml"], "does not exist"),
     (["--set", "run_dir=elsewhere"], "use --out"),
+    (["--out", "/proc/relalign_ablation"], "cannot write in /proc"),   # was a traceback (a later --out wins)
+    (["--out", __file__], "exists and is not a directory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, says, tmp_path):
     proc = subprocess.run([sys.executable, "launch/ablation.py", "--out", str(tmp_path / "out"), *args],

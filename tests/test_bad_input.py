@@ -238,6 +238,8 @@ FINETUNE_ROWS = [
     ("set_value_key_twice", sets("model.overrides={dropout: 0.1, dropout: 0.2}"),
      ["model.overrides", "'dropout' appears twice"]),
     ("config_is_a_directory", ["--config", "@empty"], ["config file", "is a directory"]),
+    ("relations_split_not_a_tar", real_split("@one") + sets("data.relations=@key_twice.yaml"),
+     ["data.relations", "key_twice.yaml", "not a tar file"]),
     # training shards that cannot feed the model: refused at start-up, not after every sample was skipped
     ("features_mode_on_image_shards", real_split("@one") + sets("data.image_mode=features",
                                                                 "model.overrides={image: {feat_dim: 8}}"),
@@ -262,6 +264,13 @@ def with_files(args: list[str], files: dict[str, Path]) -> list[str]:
 def test_finetune_bad_input_is_one_error_line(args, names, files, capsys, tmp_path):
     code, err = finetune_cli(capsys, tmp_path, *with_files(args, files))
     assert_one_error(code, err, *names)
+
+
+def test_a_pretraining_source_without_shards_is_one_error_line(capsys, tmp_path):
+    """It read as "config 'pretrain.sources[0].shards' = : the directory holds no manifest.json ..."."""
+    code = cli.main("pretrain", ["--print-config", "--set", f"run_dir={tmp_path / 'run'}",
+                                 "--set", "pretrain.sources=[{weight: 1}]"])
+    assert_one_error(code, capsys.readouterr().err, "pretrain.sources[0].shards", "is not set")
 
 
 def test_empty_test_split_is_not_checked_without_test_evaluation(files, capsys, tmp_path):

@@ -388,3 +388,26 @@ def test_a_killed_data_worker_is_an_error_within_seconds_not_a_hang(split, tok):
     match = re.search(r"after ([0-9.]+) s: rank 0: a data-loader worker of shards .* died \((DataLoader worker|"
                       r"EOFError|.*Connection)", proc.stdout)
     assert match and float(match.group(1)) < 30, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def nan_box_sample(k: int) -> dict:
+    sample = good_sample(k)
+    if k % 2:
+        meta = json.loads(sample["json"])
+        meta["objects"][0]["box"] = [float("nan"), 0, 8, 8]   # json writes NaN, Python's json reads it back
+        sample["json"] = json.dumps(meta).encode()
+    return sample
+
+
+@pytest.mark.parametrize("image_mode", ["patch", "roi"])
+def test_a_non_finite_object_box_is_a_counted_bad_sample(tmp_path, tok, image_mode):
+    """Its NaN centre made the grounding loss NaN: with train.nonfinite=stop one bad annotation ended the run."""
+    from pipeline.data.eval_split import load_eval_split
+    data = write_split(tmp_path / "nan", [6], make=nan_box_sample)
+    c = cfg(data, batch_size=2, num_workers=0, image_mode=image_mode)
+    loader = StreamingLoader(c, tok)
+    batches = list(loader)
+    assert loader.skipped == {"bad_json": 3}
+    assert all(torch.isfinite(b["word_centre"]).all() for b in batches if "word_centre" in b)
+    evaluated = load_eval_split(str(data), tok, c)
+    assert len(evaluated.image_keys) == 3 and evaluated.skipped == {"bad_json": 3}

@@ -11,6 +11,7 @@ from pipeline.ablation import plan as P
 from pipeline.ablation.plots import plot_group_score, plot_isda
 from pipeline.ablation.report import Report, markdown, write_csv
 from pipeline.ablation.results import differences, present, summaries
+from pipeline.config import check_output_dir
 from pipeline.ablation.runner import RunOutcome, run_finetune, run_pretraining
 from pipeline.ablation.tracking import ParentRun, open_parent
 from pipeline.config import ExperimentConfig, load_config, read_ds_config, resolve_path
@@ -93,6 +94,7 @@ def parent_params(plan: P.Plan, args: AblationArgs) -> dict[str, str]:
 def run_ablation(args: AblationArgs) -> int:
     start = time.perf_counter()
     plan, cfg = make_plan(args)
+    check_output_dir(plan.out, "--out")
     plan.out.mkdir(parents=True, exist_ok=True)
     if cfg.model.pretrain_config:
         run_pretraining(plan, cfg.model.pretrain_config)

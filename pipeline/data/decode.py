@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import tarfile
 import warnings
 from dataclasses import dataclass
@@ -164,6 +165,8 @@ def _roi_boxes(sample: dict[str, Any], meta: dict, stored: tuple[int, int], spec
             boxes = np.array([o["box"] for o in meta["objects"]], dtype=np.float32).reshape(-1, 4)
         except (KeyError, TypeError, ValueError) as exc:
             raise BadSample("bad_json") from exc
+        if not np.isfinite(boxes).all():
+            raise BadSample("bad_json")
         boxes = boxes[: spec.max_regions]
     else:
         boxes = np.array([[0, 0, width, height]], dtype=np.float32)
@@ -186,8 +189,8 @@ def object_centres(meta: dict, width: float, height: float) -> list[tuple[float,
     """Normalised (x, y) centre of each annotated object's pixel box (grounding targets)."""
     try:
         boxes = [[float(v) for v in o["box"]] for o in meta.get("objects") or []]
-        if any(len(b) != 4 for b in boxes):
-            raise ValueError("box")
+        if any(len(b) != 4 or not all(math.isfinite(v) for v in b) for b in boxes):
+            raise ValueError("box")   # a NaN centre would make the grounding loss NaN and stop the run
     except (KeyError, TypeError, ValueError) as exc:
         raise BadSample("bad_json") from exc
     return [((b[0] + b[2]) / (2 * width), (b[1] + b[3]) / (2 * height)) for b in boxes]

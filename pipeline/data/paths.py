@@ -78,6 +78,9 @@ def validate_paths(cfg: ExperimentConfig, stage: Literal["pretrain", "finetune"]
     builds = cfg.data.synthetic is not None
     if stage == "pretrain" and cfg.pretrain.sources:
         for i, s in enumerate(cfg.pretrain.sources):
+            if not s.shards.strip():
+                raise UserError(f"config 'pretrain.sources[{i}].shards' is not set; give the source's shards "
+                                f"(a directory, manifest, tar, brace pattern or URL)")
             check_shards_exist(s.shards, f"pretrain.sources[{i}].shards")
             check_split_not_empty(s.shards, "train", f"pretrain.sources[{i}].shards")
             check_samples_fit(s.shards, f"pretrain.sources[{i}].shards", cfg.data.image_mode, feat_dim)

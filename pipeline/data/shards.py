@@ -432,6 +432,8 @@ def _check_tar_present(path: Path, manifest: Path | None) -> None:
     if path.stat().st_size == 0:
         raise UserError(f"shard {path} is an empty file (0 bytes; an interrupted write or download?): "
                         f"rewrite or re-download it, or remove it from the split")
+    if not tarfile.is_tarfile(path):   # one header read: a text file or a JSON given where shards belong
+        raise UserError(f"shard {path} is not a tar file: give a shard directory, manifest, .tar or brace pattern")
 
 
 def _contradicts_manifest(entry: ListedShard, size: int) -> bool:
