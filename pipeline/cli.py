@@ -5,7 +5,6 @@ import argparse
 import dataclasses
 import os
 import typing
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -101,6 +100,7 @@ def run(stage: str, config_path: str, overrides: list[str], ds_path: str) -> int
     """Config and DeepSpeed JSON first (a user error ends here with exit 2, before any process-group work),
     then the stage's Python API. A preemption signal (pipeline.stopping) ends the stage early with a
     complete checkpoint; the exit code then says whether the job was requeued."""
+    from pipeline import lost_ranks
     from pipeline.stopping import exit_after_stop, process_flag
     from pipeline.train.runtime import prepare
     cfg, ds = prepare(stage, config_path, overrides, ds_path)
@@ -110,47 +110,17 @@ def run(stage: str, config_path: str, overrides: list[str], ds_path: str) -> int
         if cfg.model.pretrain_config:
             from pipeline.config import load_config
             from pipeline.train.stages import ensure_pretrained
-            with reporting_lost_ranks(load_config(cfg.model.pretrain_config).run_dir):
+            with lost_ranks.reported(load_config(cfg.model.pretrain_config).run_dir):
                 ensure_pretrained(cfg, ds_path, stop)
     else:
         from pipeline.train.pretrain import pretrain as train_stage
     if stop.honoured is None:
-        with reporting_lost_ranks(cfg.run_dir):
+        with lost_ranks.reported(cfg.run_dir):
             train_stage(cfg, ds, stop)
     if stop.honoured is None:
         return 0
     from pipeline import distributed as dist_utils
     return exit_after_stop(stage, stop.honoured, dist_utils.is_main())
-
-
-@contextmanager
-def reporting_lost_ranks(run_dir: str):
-    """A collective that fails on a lost (killed or hung) rank becomes one line naming that rank and where a
-    relaunch resumes (JobFault, exit 1), printed by one survivor, instead of every rank's traceback. SIGTERM
-    ends the process a few seconds late meanwhile (:func:`pipeline.lost_ranks.terminated_after_grace`)."""
-    from pipeline import lost_ranks
-    with lost_ranks.terminated_after_grace():   # around the roll call too: the launcher's SIGTERM comes then
-        try:
-            yield
-        except Exception as exc:
-            if not lost_ranks.is_collective_fault(exc):
-                raise
-            from pipeline import distributed as dist_utils
-            from pipeline.errors import JobFault
-            rank, world_size = dist_utils.rank(), dist_utils.world_size()
-            answered = lost_ranks.roll_call(rank, world_size)
-            if not lost_ranks.reports(answered, rank):
-                raise JobFault("") from exc
-            raise JobFault(lost_ranks.describe(exc, answered, rank, world_size, _resume_hint(run_dir))) from exc
-
-
-def _resume_hint(run_dir: str) -> str:
-    from pipeline.config import resolve_path
-    from pipeline.train.checkpoint import complete_tags
-    ckpt = resolve_path(run_dir) / "checkpoints"
-    tags = complete_tags(ckpt) if ckpt.is_dir() else []
-    where = f"{ckpt / tags[-1][1]}, the last complete checkpoint" if tags else "the start (no complete checkpoint yet)"
-    return f"relaunching with checkpoint.resume=auto continues from {where}"
 
 
 def _print_config(stage: str, config: str, overrides: list[str], ds_path: str) -> int:

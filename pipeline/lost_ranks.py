@@ -98,3 +98,33 @@ def describe(exc: BaseException, answered: Optional[list[int]], rank: int, world
 def reports(answered: Optional[list[int]], rank: int) -> bool:
     """One survivor prints: the lowest rank that answered (every survivor when the store is gone)."""
     return answered is None or rank == min(answered)
+
+
+@contextmanager
+def reported(run_dir: str):
+    """A collective that fails on a lost (killed or hung) rank becomes one line naming that rank and where a
+    relaunch resumes (JobFault, exit 1), printed by one survivor, instead of every rank's traceback. SIGTERM
+    ends the process a few seconds late meanwhile (:func:`terminated_after_grace`). ``run_dir``: the stage's,
+    whose newest complete checkpoint the line names."""
+    with terminated_after_grace():   # around the roll call too: the launcher's SIGTERM comes then
+        try:
+            yield
+        except Exception as exc:
+            if not is_collective_fault(exc):
+                raise
+            from pipeline import distributed as dist_utils
+            from pipeline.errors import JobFault
+            rank, world_size = dist_utils.rank(), dist_utils.world_size()
+            answered = roll_call(rank, world_size)
+            if not reports(answered, rank):
+                raise JobFault("") from exc
+            raise JobFault(describe(exc, answered, rank, world_size, _resume_hint(run_dir))) from exc
+
+
+def _resume_hint(run_dir: str) -> str:
+    from pipeline.config import resolve_path
+    from pipeline.train.checkpoint import complete_tags
+    ckpt = resolve_path(run_dir) / "checkpoints"
+    tags = complete_tags(ckpt) if ckpt.is_dir() else []
+    where = f"{ckpt / tags[-1][1]}, the last complete checkpoint" if tags else "the start (no complete checkpoint yet)"
+    return f"relaunching with checkpoint.resume=auto continues from {where}"

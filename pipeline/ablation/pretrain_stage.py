@@ -26,12 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def pretrain_stage(config: str, sets: list[str], ds_path: str) -> int:
+    from pipeline import lost_ranks
     from pipeline.config import load_config
     from pipeline.train.stages import ensure_pretrained
     cfg = load_config(config, sets)
     if not cfg.model.pretrain_config:
         raise UserError(f"config {config}: model.pretrain_config is not set; there is no pretraining stage")
-    ensure_pretrained(cfg, ds_path)
+    with lost_ranks.reported(load_config(cfg.model.pretrain_config).run_dir):
+        ensure_pretrained(cfg, ds_path)
     return 0
 
 
