@@ -746,12 +746,19 @@ def check_output_dir(path: str | Path, what: str) -> None:
     existing = next(p for p in (target, *target.parents) if p.exists())
     if not existing.is_dir():
         raise UserError(f"{what} {path}: {existing} is a file, not a directory; give another path")
-    try:   # a probe file: modes say nothing for root, a read-only mount or /proc does
-        with tempfile.TemporaryFile(dir=existing, prefix=".relalign_write_check"):
-            pass
+    problem = write_probe_error(existing)
+    if problem:
+        raise UserError(f"{what} {path}: cannot write in {existing} ({problem}); give a directory you can write")
+
+
+def write_probe_error(directory: Path) -> Optional[str]:
+    """None when a file can be created (and is removed again) in ``directory``, else why not: a probe file,
+    since modes say nothing for root, and a read-only mount or /proc does."""
+    try:
+        with tempfile.TemporaryFile(dir=directory, prefix=".relalign_write_check"):
+            return None
     except OSError as exc:
-        raise UserError(f"{what} {path}: cannot write in {existing} ({exc.strerror}); give a directory you can "
-                        f"write") from None
+        return exc.strerror or str(exc)
 
 
 # ----------------------------------------------------------------------------- DeepSpeed JSON

@@ -19,6 +19,11 @@ class JobFault(Exception):
     exit_code = 1
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none)."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
 def exit_code_of(action: Callable[[], object]) -> int:
     """Run an entry point's work and return its exit code: the int it returns, else 0; a UserError (or JobFault)
     becomes one line `error: ...` on stderr and its exit code (2, or 1)."""

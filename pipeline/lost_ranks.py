@@ -79,7 +79,8 @@ def terminated_after_grace(seconds: float = TERM_GRACE_S):
 
 
 def _reason(exc: BaseException) -> str:
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    from pipeline.errors import first_line
+    first = first_line(exc)
     return first if len(first) <= 160 else first[:157] + "..."
 
 

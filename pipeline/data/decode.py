@@ -165,8 +165,6 @@ def _roi_boxes(sample: dict[str, Any], meta: dict, stored: tuple[int, int], spec
             boxes = np.array([o["box"] for o in meta["objects"]], dtype=np.float32).reshape(-1, 4)
         except (KeyError, TypeError, ValueError) as exc:
             raise BadSample("bad_json") from exc
-        if not np.isfinite(boxes).all():
-            raise BadSample("bad_json")
         boxes = boxes[: spec.max_regions]
     else:
         boxes = np.array([[0, 0, width, height]], dtype=np.float32)

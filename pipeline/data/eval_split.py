@@ -3,7 +3,6 @@ into packed model batches (the view evaluation works on), and its reader."""
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -177,7 +176,7 @@ def object_centres(objects: list[dict], size: tuple[float, float]) -> torch.Tens
             x1, y1, x2, y2 = (float(v) for v in obj["box"])
         except (KeyError, TypeError, ValueError):
             continue
-        if width > 0 and height > 0 and all(map(math.isfinite, (x1, y1, x2, y2))):
+        if width > 0 and height > 0:
             out[k] = torch.tensor([(x1 + x2) / 2 / width, (y1 + y2) / 2 / height])
     return out
 
@@ -196,7 +195,7 @@ def object_boxes(objects: list[dict], size: tuple[float, float]) -> torch.Tensor
             box = torch.tensor([float(v) for v in obj["box"]])
         except (KeyError, TypeError, ValueError):
             continue
-        if box.shape == (4,) and bool(torch.isfinite(box).all()):
+        if box.shape == (4,):
             out[k] = (box / scale).clamp(0.0, 1.0)
     return out
 

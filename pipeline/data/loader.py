@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.data.decode import (BadSample, DecodeSpec, SkipCounter, collate, decode_train_sample, tar_samples,
                                   stable_id)
 from pipeline.config import check_loader_values
-from pipeline.errors import JobFault, UserError
+from pipeline.errors import JobFault, UserError, first_line
 from pipeline.data.shards import Shard, resolve_shards
 
 
@@ -297,7 +297,7 @@ class StreamingLoader:
                     if self.cfg.num_workers == 0 or not _worker_died(exc):
                         raise
                     raise JobFault(f"rank {self.rank}: a data-loader worker of shards {self.cfg.shards} died "
-                                   f"({_first_line(exc)}); the run stops. If it was killed for memory, lower "
+                                   f"({first_line(exc)}); the run stops. If it was killed for memory, lower "
                                    f"data.num_workers or data.shuffle_buffer, then resume") from exc
                 except StopIteration:
                     raise UserError(f"shards {self.cfg.shards}: the stream of rank {self.rank} ended before "
@@ -317,10 +317,6 @@ def _worker_died(exc: BaseException) -> bool:
     """torch reports a dead worker as a RuntimeError naming it; when the worker dies while handing over a batch
     (shared-memory file descriptors), the main process gets the broken connection instead."""
     return isinstance(exc, (EOFError, ConnectionError)) or "DataLoader worker" in str(exc)
-
-
-def _first_line(exc: BaseException) -> str:
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def _own_message(exc: UserError) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 
 from pipeline import distributed as dist_utils
 from pipeline.config import (ExperimentConfig, check_layer_indices, read_ds_config, resolve_ds_config, resolve_path,
-                             to_dict, load_config)
+                             to_dict, load_config, write_probe_error)
 from pipeline.data.paths import validate_paths
 from pipeline.errors import UserError
 
@@ -78,12 +77,10 @@ def check_run_dir_writable(run_dir: str) -> None:
     if not existing.is_dir():
         what = "is a file" if existing == path else f"is under {existing}, which is a file"
         raise UserError(f"config 'run_dir' = {run_dir} {what}: give a directory path")
-    try:
-        with tempfile.TemporaryFile(dir=existing, prefix=".relalign_write_check"):
-            pass
-    except OSError as exc:
-        raise UserError(f"config 'run_dir' = {run_dir}: cannot write in {existing} ({exc.strerror}): give a "
-                        f"writable run_dir") from None
+    problem = write_probe_error(existing)
+    if problem:
+        raise UserError(f"config 'run_dir' = {run_dir}: cannot write in {existing} ({problem}): give a "
+                        f"writable run_dir")
 
 
 def validate_model_config(cfg: ExperimentConfig) -> Optional[int]:
