@@ -250,7 +250,8 @@ class FinetuneConfig:
     # alternate: text-anchored on even steps, image-anchored on odd steps (half the cost); text / image: one kind
     directions: Literal["alternate", "both", "text", "image"] = "both"
     itc_preselect: int = 0                # >0: draw this many pool candidates and cross-score only the
-                                          # negative_size of them most similar by ITC
+                                          # negative_size of them most similar by ITC (negative_size
+                                          # == hard_size: those are kept without cross-scoring)
     hard_start_step: int = 0              # before this step negatives are random pool candidates (a curriculum
                                           # for models without a pretrained start; mining costs nothing then)
     bce_weight: float = 0.0               # + w * BCE(sigmoid(rank) of positives -> 1, negatives -> 0): keeps a

@@ -39,6 +39,9 @@ def test_mining_modes_cross_score_all_candidates_or_only_the_itc_shortlist(tmp_p
     modes = mining.modes(args)
     assert [(m.name, m.cross_scored, m.preselect) for m in modes] == [
         ("full", 399, 0), ("itc47", 47, 399), ("itc95", 95, 399)]
+    assert [m.scored_per_anchor(31) for m in modes] == [399, 47, 95]
+    kept_whole = mining.modes(mining.parse_args(["--hard", "31", "--shortlists", "31"]))[1]
+    assert kept_whole.scored_per_anchor(31) == 0      # the shortlist is the kept set: nothing cross-scored
     sets = mining.run_sets(args, modes[1], 3, tmp_path / "run")
     assert {"finetune.negative_size=47", "finetune.itc_preselect=399", "finetune.hard_size=31", "seed=3",
             "tracking.enabled=false"} <= set(sets)

@@ -92,6 +92,25 @@ def test_mining_keeps_the_highest_scoring_of_each_anchors_own_candidates():
     assert step.counts["pairs_scored"] == 2 * 8 * 10
 
 
+def test_an_itc_shortlist_kept_whole_is_not_cross_scored():
+    """itc_preselect with negative_size == hard_size: the hard negatives are the ITC top-k of each anchor's
+    draw, and no pair is cross-encoded to choose among candidates that are all kept anyway."""
+    step, batch, model = make_step(["finetune.itc_preselect=20", "finetune.negative_size=4",
+                                    "finetune.hard_size=4", "finetune.directions=text", "finetune.itc_weight=0.5"])
+    hard_img, _ = step.mine(batch, 0, torch.Generator().manual_seed(5))
+    assert step.counts["pairs_scored"] == 0
+    gen = torch.Generator().manual_seed(5)
+    torch.randint(2 ** 62, (1,), generator=gen)   # mine() seeds its image-anchored generator first
+    drawn = step.pool.draw_per_anchor(batch["image_id"], 20, gen)
+    model.eval()
+    with torch.no_grad():
+        texts = {k: batch[k] for k in ("input_ids", "text_mask")}
+        for a in range(8):
+            sim = model.embed_text({k: v[a:a + 1] for k, v in texts.items()}) @ model.embed_image(
+                step.pool.images(drawn[a])).T
+            assert sorted(hard_img[a].tolist()) == sorted(drawn[a][sim[0].topk(4).indices].tolist())
+
+
 def _reference_iais(logits: torch.Tensor, words: torch.Tensor, regions: torch.Tensor, side: str) -> torch.Tensor:
     """The authors' iais_singular on one sample's [H, N, N] logits, KLDivLoss(batchmean)."""
     kl = torch.nn.KLDivLoss(reduction="batchmean")

@@ -89,6 +89,10 @@ class FinetuneStep:
         sim = sim_fn().float().cpu()   # [A, unique]
         return cols.gather(1, sim.gather(1, cols).topk(self.ft.negative_size, dim=1).indices)
 
+    def _shortlist_kept_whole(self) -> bool:
+        """An ITC shortlist of hard_size is kept whole: cross-scoring it would only reorder it."""
+        return bool(self.ft.itc_preselect) and self.ft.negative_size == self.ft.hard_size
+
     def _keep_hardest(self, scores: torch.Tensor, unique: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         self.counts["pairs_scored"] += scores.numel()
         return unique[cols.gather(1, scores.topk(self.ft.hard_size, dim=1).indices.cpu())]
@@ -100,6 +104,8 @@ class FinetuneStep:
         self.counts["images_encoded"] += len(unique)
         cols = self._shortlist(lambda: module.embed_text(texts) @ module.embed_image({}, image_tokens=tokens).T,
                                cols)
+        if self._shortlist_kept_whole():
+            return unique[cols]
         anchors = torch.arange(cols.shape[0]).unsqueeze(1).expand_as(cols)
         scores = score_grid(module.score, texts, tokens, anchors, cols, self.chunk)
         return self._keep_hardest(scores, unique, cols)
@@ -112,6 +118,8 @@ class FinetuneStep:
         self.counts["images_encoded"] += cols.shape[0]
         cols = self._shortlist(lambda: module.embed_image({}, image_tokens=tokens) @ module.embed_text(cand_texts).T,
                                cols)
+        if self._shortlist_kept_whole():
+            return unique[cols]
         anchors = torch.arange(cols.shape[0]).unsqueeze(1).expand_as(cols)
         scores = score_grid(module.score, cand_texts, tokens, cols, anchors, self.chunk)
         return self._keep_hardest(scores, unique, cols)
