@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.ablation.runner import run_logged, stage_command  # noqa: E402
 from pipeline.ablation.stats import paired_difference, summarize  # noqa: E402
+from pipeline.train.finetune_step import cross_scored_per_anchor  # noqa: E402
 from launched import logged_step_seconds  # noqa: E402  (bench/launched.py)
 
 
@@ -65,7 +66,7 @@ class Mode:
 
     def scored_per_anchor(self, hard: int) -> int:
         """Candidates the cross-encoder actually scores: none when the shortlist is the kept set."""
-        return 0 if self.preselect and self.cross_scored == hard else self.cross_scored
+        return cross_scored_per_anchor(self.preselect, self.cross_scored, hard)
 
 
 def modes(args) -> list[Mode]:

@@ -11,10 +11,9 @@ from pipeline.ablation import plan as P
 from pipeline.ablation.plots import plot_group_score, plot_isda
 from pipeline.ablation.report import Report, markdown, write_csv
 from pipeline.ablation.results import differences, present, summaries
-from pipeline.config import check_output_dir
 from pipeline.ablation.runner import RunOutcome, run_finetune, run_pretraining
 from pipeline.ablation.tracking import ParentRun, open_parent
-from pipeline.config import ExperimentConfig, load_config, read_ds_config, resolve_path
+from pipeline.config import ExperimentConfig, check_output_dir, load_config, read_ds_config, resolve_path
 from pipeline.errors import UserError
 
 

@@ -29,6 +29,17 @@ def _first_valid(valid: torch.Tensor, n: int) -> torch.Tensor:
     return order
 
 
+def cross_scored_per_anchor(itc_preselect: int, negative_size: int, hard_size: int) -> int:
+    """Candidates per anchor the cross-encoder scores to choose the hard ones: none when an ITC shortlist
+    (``itc_preselect``) is the kept set, since scoring it would only reorder it."""
+    return 0 if itc_preselect and negative_size == hard_size else negative_size
+
+
+def _anchor_rows(cols: torch.Tensor) -> torch.Tensor:
+    """The anchor index of every entry of ``cols`` [A, n]."""
+    return torch.arange(cols.shape[0]).unsqueeze(1).expand_as(cols)
+
+
 class FinetuneStep:
     """Mining and loss assembly of one micro-step. ``module`` is the RetrievalModel; ``forward`` the callable
     that runs its trained forward (the DeepSpeed engine in training, the module itself in tests)."""
@@ -89,11 +100,13 @@ class FinetuneStep:
         sim = sim_fn().float().cpu()   # [A, unique]
         return cols.gather(1, sim.gather(1, cols).topk(self.ft.negative_size, dim=1).indices)
 
-    def _shortlist_kept_whole(self) -> bool:
-        """An ITC shortlist of hard_size is kept whole: cross-scoring it would only reorder it."""
-        return bool(self.ft.itc_preselect) and self.ft.negative_size == self.ft.hard_size
-
-    def _keep_hardest(self, scores: torch.Tensor, unique: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    def _keep_hardest(self, score_fn, unique: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Pool rows of each anchor's hard_size candidates that ``score_fn(cols)`` [A, n] scores highest; a
+        shortlist that is kept whole is not scored."""
+        ft = self.ft
+        if cross_scored_per_anchor(ft.itc_preselect, ft.negative_size, ft.hard_size) == 0:
+            return unique[cols]
+        scores = score_fn(cols)
         self.counts["pairs_scored"] += scores.numel()
         return unique[cols.gather(1, scores.topk(self.ft.hard_size, dim=1).indices.cpu())]
 
@@ -104,11 +117,8 @@ class FinetuneStep:
         self.counts["images_encoded"] += len(unique)
         cols = self._shortlist(lambda: module.embed_text(texts) @ module.embed_image({}, image_tokens=tokens).T,
                                cols)
-        if self._shortlist_kept_whole():
-            return unique[cols]
-        anchors = torch.arange(cols.shape[0]).unsqueeze(1).expand_as(cols)
-        scores = score_grid(module.score, texts, tokens, anchors, cols, self.chunk)
-        return self._keep_hardest(scores, unique, cols)
+        return self._keep_hardest(lambda c: score_grid(module.score, texts, tokens, _anchor_rows(c), c, self.chunk),
+                                  unique, cols)
 
     def _hard_texts(self, images: dict, anchor_ids: torch.Tensor, generator) -> torch.Tensor:
         module = self.module
@@ -118,11 +128,8 @@ class FinetuneStep:
         self.counts["images_encoded"] += cols.shape[0]
         cols = self._shortlist(lambda: module.embed_image({}, image_tokens=tokens) @ module.embed_text(cand_texts).T,
                                cols)
-        if self._shortlist_kept_whole():
-            return unique[cols]
-        anchors = torch.arange(cols.shape[0]).unsqueeze(1).expand_as(cols)
-        scores = score_grid(module.score, cand_texts, tokens, cols, anchors, self.chunk)
-        return self._keep_hardest(scores, unique, cols)
+        return self._keep_hardest(lambda c: score_grid(module.score, cand_texts, tokens, c, _anchor_rows(c),
+                                                       self.chunk), unique, cols)
 
     def _random_in_batch(self, anchor_ids: torch.Tensor, b: int, generator) -> torch.Tensor:
         """Random-phase negatives: the current batch (the pool's newest rows) rolled by random shifts, so
