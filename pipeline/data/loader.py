@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import itertools
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -282,6 +283,11 @@ class StreamingLoader:
                             prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False)
         return iter(loader)
 
+    def _worker_fault(self, reason: str) -> JobFault:
+        return JobFault(f"rank {self.rank}: a data-loader worker of shards {self.cfg.shards} died ({reason}); "
+                        f"the run stops. If it was killed for memory, lower data.num_workers or "
+                        f"data.shuffle_buffer, then resume")
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         # Re-planned from the current position: a loop that broke off mid-epoch continues exactly.
         self._plan = plan_epoch(self.shards, self.cfg, self.rank, self.world_size, self.epoch, self._consumed)
@@ -289,28 +295,44 @@ class StreamingLoader:
         source = self._source()
         try:
             for _ in range(remaining):
+                death = None
                 try:
                     batch, skipped = next(source)
                 except UserError as exc:
                     raise UserError(_own_message(exc)) from None
                 except (RuntimeError, EOFError, ConnectionError) as exc:
-                    if self.cfg.num_workers == 0 or not _worker_died(exc):
-                        raise
-                    raise JobFault(f"rank {self.rank}: a data-loader worker of shards {self.cfg.shards} died "
-                                   f"({first_line(exc)}); the run stops. If it was killed for memory, lower "
-                                   f"data.num_workers or data.shuffle_buffer, then resume") from exc
+                    death = exc   # no call here: torch's SIGCHLD handler could land in it (see below)
                 except StopIteration:
                     raise UserError(f"shards {self.cfg.shards}: the stream of rank {self.rank} ended before "
                                     f"{self.batches_per_epoch} batches (unreadable shards? skipped: "
                                     f"{self.skipped}); fix or rewrite the shards") from None
+                if death is not None:
+                    try:
+                        _await_death_report(death)
+                    except RuntimeError as report:
+                        death = report
+                    if self.cfg.num_workers == 0 or not _worker_died(death):
+                        raise death
+                    # Dropped before the fault, which has no cause: a traceback through the DataLoader keeps its
+                    # workers registered with torch's SIGCHLD handler, which would raise the death again over it.
+                    reason, death, source = first_line(death), None, None
+                    raise self._worker_fault(reason)
                 for reason, n in skipped.items():
                     self.skipped[reason] = self.skipped.get(reason, 0) + n
                 self._consumed += 1
                 yield batch
         finally:
-            del source   # shuts the DataLoader workers down
+            source = None   # shuts the DataLoader workers down
         if self._consumed >= self.batches_per_epoch:
             self.set_epoch(self.epoch + 1)
+
+
+def _await_death_report(death: BaseException) -> None:
+    """torch's SIGCHLD handler raises a worker's death once, in whatever the main thread runs when the signal
+    lands. A broken pipe means the worker is still dying: wait here, briefly, for that report."""
+    if isinstance(death, (EOFError, ConnectionError)):
+        for _ in range(40):
+            time.sleep(0.05)
 
 
 def _worker_died(exc: BaseException) -> bool:
