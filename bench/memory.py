@@ -2,6 +2,7 @@
 """Peak memory of a short fine-tune per model preset and ZeRO stage, every rank measured.
 
     python bench/memory.py [--presets tiny,small,base] [--stages 0,1,2,3] [--ranks 2] [--steps 3] [--batch 4]
+                           [--workers N]
 
 Each cell is a real ``deepspeed --num_gpus <ranks> launch/finetune.py`` run (bench/launched.py: demo_tiny.yaml's
 data and fine-tuning recipe, random init, the final checkpoint saved, nothing validated, tested or exported)
@@ -30,11 +31,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch", type=int, default=4, help="micro batch per rank (anchors)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data.num_workers per rank (default: demo_tiny.yaml's); 0 decodes in the rank itself")
     p.add_argument("--quick", action="store_true", help="tiny preset, stages 0 and 3, 2 steps")
     args = p.parse_args(argv)
     if args.quick:
         args.presets, args.stages, args.steps = "tiny", "0,3", 2
     return args
+
+
+def cell_sets(preset: str, args: argparse.Namespace) -> list[str]:
+    """The --set overrides of one table cell's run (its ZeRO stage is the DeepSpeed JSON's)."""
+    sets = [*PRESET_SETS[preset], *RUN_SETS, f"train.steps={args.steps}", f"train.micro_batch_size={args.batch}",
+            "train.warmup_steps=1", f"train.log_every={args.steps}"]
+    if args.workers is not None:
+        sets.append(f"data.num_workers={args.workers}")
+    return sets
 
 
 def main(argv=None) -> None:
@@ -46,10 +58,8 @@ def main(argv=None) -> None:
         with tempfile.TemporaryDirectory(prefix="relalign_memory_") as tmp:
             for preset in presets:
                 for stage in stages:
-                    sets = [*PRESET_SETS[preset], *RUN_SETS, f"train.steps={args.steps}",
-                            f"train.micro_batch_size={args.batch}", "train.warmup_steps=1",
-                            f"train.log_every={args.steps}"]
-                    got = run_finetune(f"{preset}_zero{stage}", Path(tmp), sets, args.batch, args.ranks, stage)
+                    got = run_finetune(f"{preset}_zero{stage}", Path(tmp), cell_sets(preset, args), args.batch,
+                                       args.ranks, stage)
                     values[f"{preset}_zero{stage}_rss_mib"] = got.peak_mib
                     print(f"[memory] {preset} ZeRO {stage}: largest rank's peak RSS {got.peak_mib:.0f} MiB "
                           f"({got.seconds:.0f} s)", flush=True)

@@ -1,5 +1,6 @@
-"""The arithmetic of bench/mining.py, bench/growth.py, bench/launched.py and bench/eval.py's extrapolation, on
-inputs whose answers are known (their real runs are the benchmarks themselves, not CI)."""
+"""The arithmetic of bench/mining.py, bench/growth.py, bench/launched.py and bench/eval.py's extrapolation, and
+bench/memory.py's run overrides, on inputs whose answers are known (their real runs are the benchmarks
+themselves, not CI)."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ sys.path.insert(0, str(BENCH))
 
 import growth  # noqa: E402
 import launched  # noqa: E402
+import memory  # noqa: E402
 import mining  # noqa: E402
 
 
@@ -79,3 +81,12 @@ def test_the_retrieval_extrapolation_recovers_the_cost_model_it_was_measured_wit
     fit = bench_eval.extrapolate(points)
     assert fit["coco5k_full_s"] == pytest.approx(a * 5000 * 25000 + b * 5000)
     assert fit["coco5k_two_stage_s"] == pytest.approx(c * 30000)
+
+
+def test_the_memory_runs_take_the_data_worker_count_asked_for_and_the_config_default_otherwise():
+    from pipeline.config import load_config
+    default = load_config(launched.DEMO_CONFIG).data.num_workers
+    unasked = load_config(launched.DEMO_CONFIG, memory.cell_sets("base", memory.parse_args([])))
+    assert unasked.data.num_workers == default
+    asked = load_config(launched.DEMO_CONFIG, memory.cell_sets("base", memory.parse_args(["--workers", "0"])))
+    assert (asked.data.num_workers, asked.model.preset, asked.train.steps) == (0, "base", 3)
