@@ -61,12 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 @dataclass(frozen=True)
 class Mode:
     name: str
-    cross_scored: int          # finetune.negative_size: the candidates (or ITC shortlist) per anchor
+    negative_size: int         # finetune.negative_size: the candidates (or ITC shortlist) per anchor
     preselect: int             # finetune.itc_preselect (0: off)
 
     def scored_per_anchor(self, hard: int) -> int:
         """Candidates the cross-encoder actually scores: none when the shortlist is the kept set."""
-        return cross_scored_per_anchor(self.preselect, self.cross_scored, hard)
+        return cross_scored_per_anchor(self.preselect, self.negative_size, hard)
 
 
 def modes(args) -> list[Mode]:
@@ -79,7 +79,7 @@ def run_sets(args, mode: Mode, seed: int, run_dir: Path) -> list[str]:
     return [f"seed={seed}", f"run_dir={run_dir}", f"train.steps={args.steps}",
             f"train.micro_batch_size={args.batch}", f"train.log_every={log_every}", "train.val_every=0",
             f"train.warmup_steps={max(1, args.steps // 10)}", f"train.threads={args.threads}",
-            f"finetune.negative_size={mode.cross_scored}", f"finetune.hard_size={args.hard}",
+            f"finetune.negative_size={mode.negative_size}", f"finetune.hard_size={args.hard}",
             f"finetune.itc_preselect={mode.preselect}", f"finetune.pool_size={args.pool}",
             "finetune.hard_start_step=0", f"checkpoint.every={args.steps}", "checkpoint.resume=auto",
             "tracking.enabled=false", "eval.pictures=0"]

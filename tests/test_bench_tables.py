@@ -39,7 +39,7 @@ def test_the_zero_configs_of_the_benchmarks_use_torch_adamw(tmp_path):
 def test_mining_modes_cross_score_all_candidates_or_only_the_itc_shortlist(tmp_path):
     args = mining.parse_args(["--candidates", "399", "--hard", "31", "--shortlists", "47,95"])
     modes = mining.modes(args)
-    assert [(m.name, m.cross_scored, m.preselect) for m in modes] == [
+    assert [(m.name, m.negative_size, m.preselect) for m in modes] == [
         ("full", 399, 0), ("itc47", 47, 399), ("itc95", 95, 399)]
     assert [m.scored_per_anchor(31) for m in modes] == [399, 47, 95]
     kept_whole = mining.modes(mining.parse_args(["--hard", "31", "--shortlists", "31"]))[1]

@@ -35,6 +35,7 @@ from pipeline.data.shards import Shard, resolve_shards
 
 
 IMAGE_MODES = ("patch", "roi", "features")
+_BROKEN_PIPE = (EOFError, ConnectionError)   # how the main process meets a worker that died mid-handover
 
 
 def image_norm_for(model_name: str) -> tuple[tuple[float, ...], tuple[float, ...], str]:
@@ -300,18 +301,20 @@ class StreamingLoader:
                     batch, skipped = next(source)
                 except UserError as exc:
                     raise UserError(_own_message(exc)) from None
-                except (RuntimeError, EOFError, ConnectionError) as exc:
+                except (RuntimeError, *_BROKEN_PIPE) as exc:
                     death = exc   # no call here: torch's SIGCHLD handler could land in it (see below)
                 except StopIteration:
                     raise UserError(f"shards {self.cfg.shards}: the stream of rank {self.rank} ended before "
                                     f"{self.batches_per_epoch} batches (unreadable shards? skipped: "
                                     f"{self.skipped}); fix or rewrite the shards") from None
                 if death is not None:
+                    if self.cfg.num_workers == 0:
+                        raise death
                     try:
                         _await_death_report(death)
                     except RuntimeError as report:
                         death = report
-                    if self.cfg.num_workers == 0 or not _worker_died(death):
+                    if not _worker_died(death):
                         raise death
                     # Dropped before the fault, which has no cause: a traceback through the DataLoader keeps its
                     # workers registered with torch's SIGCHLD handler, which would raise the death again over it.
@@ -330,7 +333,7 @@ class StreamingLoader:
 def _await_death_report(death: BaseException) -> None:
     """torch's SIGCHLD handler raises a worker's death once, in whatever the main thread runs when the signal
     lands. A broken pipe means the worker is still dying: wait here, briefly, for that report."""
-    if isinstance(death, (EOFError, ConnectionError)):
+    if isinstance(death, _BROKEN_PIPE):
         for _ in range(40):
             time.sleep(0.05)
 
@@ -338,7 +341,7 @@ def _await_death_report(death: BaseException) -> None:
 def _worker_died(exc: BaseException) -> bool:
     """torch reports a dead worker as a RuntimeError naming it; when the worker dies while handing over a batch
     (shared-memory file descriptors), the main process gets the broken connection instead."""
-    return isinstance(exc, (EOFError, ConnectionError)) or "DataLoader worker" in str(exc)
+    return isinstance(exc, _BROKEN_PIPE) or "DataLoader worker" in str(exc)
 
 
 def _own_message(exc: UserError) -> str:
