@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import distributed
-from pipeline.tracking import MAX_PARAM_VALUE, Tracker, TrackingConfig, package_versions
+from pipeline.tracking import MAX_PARAM_VALUE, Tracker, TrackingConfig, _BoundedQueue, package_versions
 
 
 @pytest.fixture(autouse=True)
@@ -108,6 +108,23 @@ def test_resume_continues_the_same_run(mlflow_server, tmp_path, caplog):
     assert third.run_id not in (None, run_id)
     third.close()
     assert _client(mlflow_server).get_run(third.run_id).data.tags["relalign.resumed_from_run_id"] == "0" * 32
+
+
+def test_an_operation_that_overflows_the_queue_is_taken_only_after_the_metrics_it_spilled():
+    """The background thread may take the queue while the training thread writes the spill: what it finds there
+    must be newer than the spill, or the spool gets the run's end before its last metrics (seen in CI)."""
+    written: list[tuple] = []
+
+    def spill(ops: list[tuple]) -> None:
+        written.extend(queue.take_all(timeout=0))   # the background thread, racing the spill
+        written.extend(ops)
+
+    queue = _BoundedQueue(2, spill=spill)
+    metrics = [("metrics", [("loss", 1.0, 0, step)]) for step in range(2)]
+    for op in [*metrics, ("end", "FINISHED")]:
+        queue.put(op)
+    written.extend(queue.take_all(timeout=0))
+    assert written == [*metrics, ("end", "FINISHED")]
 
 
 def _closed_port() -> int:

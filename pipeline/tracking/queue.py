@@ -26,12 +26,18 @@ class _BoundedQueue:
                 self.items.append(op)
             elif self.spill is not None:
                 spilled = self._take_metrics()
-                self.items.append(op)
+                if not spilled:
+                    self.items.append(op)
             else:
                 self._drop_oldest_metrics(op)
             self.cond.notify()
         if spilled:
-            self.spill(spilled)  # outside the lock: the spool has its own
+            # Outside the lock (the spool has its own), and before ``op`` is queued: the consumer may spool what
+            # it takes meanwhile, which must not be newer than the spill.
+            self.spill(spilled)
+            with self.cond:
+                self.items.append(op)
+                self.cond.notify()
 
     def _take_metrics(self) -> list[tuple]:
         metrics = [op for op in self.items if op[0] == "metrics"]
