@@ -72,6 +72,9 @@ class ImageEncoderConfig:
         return asdict(self)
 
 
+NORM_POSITIONS = ("post", "pre")
+
+
 @dataclass
 class ModelConfig:
     """Size and behaviour of the single-stream transformer and its heads.
@@ -92,6 +95,7 @@ class ModelConfig:
     grad_checkpointing: bool = False
     itc_dim: int = 128
     init_std: float = 0.02
+    norm: str = "post"   # "post": UNITER/BERT layers (what UNITER checkpoints hold); "pre": ViT/ViLT layers
 
     def __post_init__(self) -> None:
         if isinstance(self.image, dict):
@@ -108,6 +112,7 @@ class ModelConfig:
                f"model.dropout={self.dropout!r}: give a float in [0, 1)")
         _check(isinstance(self.init_std, (int, float)) and self.init_std > 0,
                f"model.init_std={self.init_std!r}: give a positive float")
+        _check(self.norm in NORM_POSITIONS, f"model.norm={self.norm!r}: give one of {', '.join(NORM_POSITIONS)}")
         self.attn_logit_layers = list(self.attn_logit_layers)
         for layer in self.attn_logit_layers:
             _check(isinstance(layer, int) and -self.num_layers <= layer < self.num_layers,

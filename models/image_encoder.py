@@ -122,12 +122,20 @@ class ImageEncoder(nn.Module):
         return out
 
     def _token_grid(self, pixels: torch.Tensor, num_tokens: int) -> tuple[int, int]:
-        reduction = self.backbone.feature_info[-1]["reduction"]
+        reduction = self._reduction()
         rows, cols = pixels.shape[-2] // reduction, pixels.shape[-1] // reduction
         if rows * cols != num_tokens:
             raise ValueError(f"{self.cfg.backbone} returned {num_tokens} patch tokens for a "
                              f"{tuple(pixels.shape[-2:])} image, expected a {rows}x{cols} grid")
         return rows, cols
+
+    def _reduction(self) -> int:
+        """Input pixels per output token along a side. A ViT without blocks (depth 0: a patch embedding)
+        lists no feature_info; its patch embedding knows the ratio."""
+        if self.backbone.feature_info:
+            return self.backbone.feature_info[-1]["reduction"]
+        ratio = self.backbone.patch_embed.feat_ratio()
+        return ratio if isinstance(ratio, int) else ratio[0]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ImageTokens:
         mode = self.cfg.mode

@@ -1,4 +1,5 @@
-"""BERT post-LN encoder: SDPA attention, or explicit attention that also returns pre-softmax logits."""
+"""BERT encoder, post-LN (UNITER) or pre-LN (ViT/ViLT): SDPA attention, or explicit attention that also returns
+pre-softmax logits."""
 from __future__ import annotations
 
 import math
@@ -45,7 +46,8 @@ class SelfAttention(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Post-LN BERT layer: x = LN(x + drop(W_o attn(x))); x = LN(x + drop(W_2 gelu(W_1 x)))."""
+    """Post-LN BERT layer: x = LN(x + drop(W_o attn(x))); x = LN(x + drop(W_2 gelu(W_1 x))).
+    Pre-LN (``cfg.norm == "pre"``): x = x + drop(W_o attn(LN(x))); x = x + drop(W_2 gelu(W_1 LN(x)))."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -57,19 +59,28 @@ class EncoderLayer(nn.Module):
         self.ffn_out = nn.Linear(cfg.intermediate_size, h)
         self.ffn_norm = nn.LayerNorm(h, eps=LN_EPS)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.pre_norm = cfg.norm == "pre"
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, with_logits: bool = False):
+        if self.pre_norm:
+            ctx, logits = self.attention(self.attn_norm(x), mask, with_logits)
+            x = x + self.dropout(self.attn_out(ctx))
+            return x + self.dropout(self._ffn(self.ffn_norm(x))), logits
         ctx, logits = self.attention(x, mask, with_logits)
         x = self.attn_norm(x + self.dropout(self.attn_out(ctx)))
-        y = self.ffn_out(F.gelu(self.ffn_in(x)))  # erf GELU, as BERT/UNITER
-        x = self.ffn_norm(x + self.dropout(y))
+        x = self.ffn_norm(x + self.dropout(self._ffn(x)))
         return x, logits
+
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn_out(F.gelu(self.ffn_in(x)))  # erf GELU, as BERT/UNITER
 
 
 class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+        # pre-LN layers leave the residual stream unnormalised: one LayerNorm after the last (ViT)
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=LN_EPS) if cfg.norm == "pre" else nn.Identity()
         self.grad_checkpointing = cfg.grad_checkpointing
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, logit_layers: list[int]):
@@ -84,4 +95,4 @@ class Encoder(nn.Module):
                 x, layer_logits = layer(x, mask, with_logits)
             if with_logits:
                 logits[i] = layer_logits
-        return x, logits
+        return self.final_norm(x), logits

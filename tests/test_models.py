@@ -65,6 +65,15 @@ def test_patch_mode_shapes_and_boxes(backbone, size, grid):
     assert model.score(batch).shape == (2,)
 
 
+def test_a_vit_without_blocks_is_a_patch_embedding_stem():
+    # a depth-0 timm ViT lists no feature_info: the patch grid comes from its patch embedding
+    model = tiny(image=dict(backbone="test_vit", image_size=64, backbone_kwargs=dict(depth=0)))
+    assert len(model.image_encoder.backbone.blocks) == 0
+    tokens = model.encode_image(dict(pixels=torch.randn(2, 3, 64, 64)))
+    assert tokens.feat.shape == (2, 16, model.image_encoder.feat_dim)
+    assert torch.allclose(tokens.pos[0, 5, :4], torch.tensor([0.25, 0.25, 0.5, 0.5]))
+
+
 def test_grid_boxes_tile_the_image():
     pos = grid_box_features(2, 3)
     assert pos.shape == (6, 7)
@@ -156,6 +165,25 @@ def test_sdpa_and_explicit_attention_agree():
     assert torch.allclose(fast.sequence, explicit.sequence, atol=1e-5)
     assert explicit.attn_logits[2].shape == (3, 4, 12, 12)
     assert sorted(model(batch).attn_logits) == [2]  # config default [-1]
+
+
+def test_pre_norm_layers_add_to_an_unnormalised_residual_stream():
+    model = tiny(num_layers=1, norm="pre", **FEATURES)
+    batch = dict(text_batch([4, 6]), **feature_batch([3, 5]))
+    captured = {}
+    layer = model.encoder.layers[0]
+    layer.register_forward_pre_hook(lambda mod, args: captured.update(x=args[0], mask=args[1]))
+    out = model(batch, attn_logit_layers=[])
+    x, mask = captured["x"], captured["mask"]
+    ctx, _ = layer.attention(layer.attn_norm(x), mask, False)
+    x = x + layer.attn_out(ctx)
+    x = x + layer.ffn_out(torch.nn.functional.gelu(layer.ffn_in(layer.ffn_norm(x))))
+    assert torch.allclose(out.sequence, model.encoder.final_norm(x), atol=1e-5)
+    explicit = model(batch, attn_logit_layers=[0])
+    assert torch.allclose(explicit.sequence, out.sequence, atol=1e-5)
+    # post-LN (UNITER's layout) has no final norm: its state dict keeps UNITER's keys
+    assert "encoder.final_norm.weight" in model.state_dict()
+    assert not any("final_norm" in k for k in tiny(**FEATURES).state_dict())
 
 
 def test_logits_are_scaled_query_key_products():
@@ -281,6 +309,7 @@ def test_presets_and_overrides():
     (dict(image=dict(mode="grid")), "model.image.mode"),
     (dict(image=dict(mode="features", backbone=None)), "feat_dim"),
     (dict(attn_logit_layers=[3]), "attn_logit_layers"),
+    (dict(norm="middle"), "model.norm='middle': give one of post, pre"),
     (dict(image=dict(backbone="no_such_net")), "not a timm model"),
     (dict(image=dict(backbone="test_resnet", backbone_kwargs=dict(depth=1))), "test_resnet rejects them"),
     (dict(image=dict(backbone_kwargs=dict(img_size=32))), "use backbone_file / image_size"),
