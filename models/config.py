@@ -73,6 +73,7 @@ class ImageEncoderConfig:
 
 
 NORM_POSITIONS = ("post", "pre")
+LINEAR_INITS = ("normal", "fan_in")
 
 
 @dataclass
@@ -81,6 +82,9 @@ class ModelConfig:
 
     attn_logit_layers: layers (negative = from the end) whose attention is computed explicitly so their
     pre-softmax logits can be returned (IAIS/ISD); every other layer uses SDPA.
+    linear_init: "normal" draws every Linear and Embedding weight from N(0, init_std) (BERT/UNITER, whose 0.02
+    suits hidden size 768); "fan_in" draws Linear weights from N(0, 1/fan_in) (LeCun) and keeps init_std for
+    the embeddings, which a narrow model needs (at hidden 128, 0.02 leaves attention uniform too long).
     """
 
     vocab_size: int = 1000
@@ -96,6 +100,7 @@ class ModelConfig:
     itc_dim: int = 128
     init_std: float = 0.02
     norm: str = "post"   # "post": UNITER/BERT layers (what UNITER checkpoints hold); "pre": ViT/ViLT layers
+    linear_init: str = "normal"
 
     def __post_init__(self) -> None:
         if isinstance(self.image, dict):
@@ -113,6 +118,8 @@ class ModelConfig:
         _check(isinstance(self.init_std, (int, float)) and self.init_std > 0,
                f"model.init_std={self.init_std!r}: give a positive float")
         _check(self.norm in NORM_POSITIONS, f"model.norm={self.norm!r}: give one of {', '.join(NORM_POSITIONS)}")
+        _check(self.linear_init in LINEAR_INITS,
+               f"model.linear_init={self.linear_init!r}: give one of {', '.join(LINEAR_INITS)}")
         self.attn_logit_layers = list(self.attn_logit_layers)
         for layer in self.attn_logit_layers:
             _check(isinstance(layer, int) and -self.num_layers <= layer < self.num_layers,

@@ -70,7 +70,11 @@ class RetrievalModel(nn.Module):
         self.image_encoder.set_grad_checkpointing(enable)
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if module is self.mlm_head.decoder:   # tied to the word embeddings, which keep init_std
+            return
+        if isinstance(module, nn.Linear) and self.config.linear_init == "fan_in":
+            nn.init.normal_(module.weight, std=module.in_features ** -0.5)
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.config.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)

@@ -186,6 +186,20 @@ def test_pre_norm_layers_add_to_an_unnormalised_residual_stream():
     assert not any("final_norm" in k for k in tiny(**FEATURES).state_dict())
 
 
+def test_fan_in_init_scales_linear_layers_and_keeps_the_embeddings_small():
+    hidden, ffn = 128, 512
+    model = tiny(hidden_size=hidden, intermediate_size=ffn, vocab_size=400, linear_init="fan_in", init_std=0.02)
+    layer = model.encoder.layers[0]
+    assert layer.attention.query.weight.std().item() == pytest.approx(hidden ** -0.5, rel=0.05)
+    assert layer.ffn_out.weight.std().item() == pytest.approx(ffn ** -0.5, rel=0.05)
+    assert float(layer.ffn_out.bias.abs().max()) == 0.0
+    # the MLM decoder is the word-embedding table: it keeps init_std, not the decoder's fan-in scale
+    assert model.embeddings.word_embeddings.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.embeddings.position_embeddings.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    normal = tiny(hidden_size=hidden, intermediate_size=ffn, vocab_size=400, init_std=0.02)
+    assert normal.encoder.layers[0].attention.query.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
 def test_logits_are_scaled_query_key_products():
     model = tiny(num_layers=1, **FEATURES)
     batch = dict(text_batch([4, 6]), **feature_batch([3, 5]))
@@ -310,6 +324,7 @@ def test_presets_and_overrides():
     (dict(image=dict(mode="features", backbone=None)), "feat_dim"),
     (dict(attn_logit_layers=[3]), "attn_logit_layers"),
     (dict(norm="middle"), "model.norm='middle': give one of post, pre"),
+    (dict(linear_init="xavier"), "model.linear_init='xavier': give one of normal, fan_in"),
     (dict(image=dict(backbone="no_such_net")), "not a timm model"),
     (dict(image=dict(backbone="test_resnet", backbone_kwargs=dict(depth=1))), "test_resnet rejects them"),
     (dict(image=dict(backbone_kwargs=dict(img_size=32))), "use backbone_file / image_size"),
