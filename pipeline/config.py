@@ -266,6 +266,22 @@ class FinetuneConfig:
 
 
 @dataclass
+class GroundingConfig:
+    """The supervised grounding loss, as pretraining's task and fine-tuning's term both compute it (the
+    ``grounding`` section): attention_weight * (pull of the annotated words' attention at layer 0 onto their
+    object's image token) + regression_weight * (their output tokens' error on the object's centre, L1 or
+    MSE). The main job uses the regression alone: with the attention pull the centres were not learnt at all
+    (README "What the main job does")."""
+    attention_weight: float = 1.0
+    regression: Literal["l1", "mse"] = "l1"
+    regression_weight: float = 1.0
+
+    @property
+    def needs_attention(self) -> bool:
+        return self.attention_weight > 0
+
+
+@dataclass
 class PretrainTasks:
     mlm: float = 1.0
     itm: float = 1.0
@@ -281,7 +297,12 @@ class PretrainConfig:
     mlm_prob: float = 0.15
     mrfr_prob: float = 0.15               # share of regions masked for MRFR
     swap_negatives: bool = False          # ITM: half the negatives become the caption's relation/attribute swap
-                                          # with its own image (where the annotations can make one)
+                                          # with its own image (where the annotations can make one); with
+                                          # itm_loss bce: every caption's swap is one more negative
+    # ce: UNITER's two-class ITM on one pair per caption (half of them another image); bce: the match logit of
+    # each caption with its own image (1) and with itm_other_images other images of the batch (0), by BCE
+    itm_loss: Literal["ce", "bce"] = "ce"
+    itm_other_images: int = 3
     # sample: one task per step drawn by the ratios (UNITER); sum: every task with a ratio on every step, the
     # losses weighted by the ratios (more signal per step for small models that must learn several skills)
     task_mix: Literal["sample", "sum"] = "sample"
@@ -364,6 +385,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -693,6 +715,14 @@ def _check_pretrain(cfg: ExperimentConfig) -> None:
           f"config 'pretrain.tasks' ratios must be >= 0 and not all 0, got {ratios}")
     _need(t.mrfr == 0 or cfg.data.image_mode != "patch",
           "config 'pretrain.tasks.mrfr' needs regions: set data.image_mode to roi or features, or mrfr to 0")
+    _at_least(pt.itm_other_images, 1, "pretrain.itm_other_images", "give the other images each caption meets")
+    _need(pt.itm_loss == "ce" or pt.itm_other_images < cfg.train.micro_batch_size,
+          f"config 'pretrain.itm_other_images' = {pt.itm_other_images} must be below train.micro_batch_size "
+          f"({cfg.train.micro_batch_size}): the other images come from the same micro batch")
+    g = cfg.grounding
+    _need(min(g.attention_weight, g.regression_weight) >= 0 and g.attention_weight + g.regression_weight > 0,
+          f"config 'grounding' weights must be >= 0 and not both 0, got attention_weight={g.attention_weight}, "
+          f"regression_weight={g.regression_weight}")
     for i, s in enumerate(pt.sources):
         _need(s.weight > 0, f"config 'pretrain.sources[{i}].weight' = {s.weight} must be > 0")
 

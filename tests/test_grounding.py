@@ -155,32 +155,110 @@ def _tiny_patch_model(vocab: int):
                                image={"image_size": 32})
 
 
-def test_grounding_loss_is_learnable_and_zero_without_annotations(grounded_batch, one_thread):
+@pytest.mark.parametrize("settings", [{}, {"attention_weight": 0.0, "regression": "mse", "regression_weight": 10.0}],
+                         ids=["attention+l1", "mse-only"])
+def test_grounding_loss_is_learnable_and_zero_without_annotations(grounded_batch, one_thread, settings):
+    from pipeline.config import GroundingConfig
     from pipeline.train.objectives import grounding_loss
     batch, tok, _ = grounded_batch
+    grounding = GroundingConfig(**settings)
     model = _tiny_patch_model(tok.vocab_size)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    first, errors = None, []
+    first, accuracies = None, []
     for _ in range(60):
-        loss, err = grounding_loss(model, batch)
+        loss, acc = grounding_loss(model, batch, grounding)
         first = first if first is not None else loss.item()
-        errors.append(err)
+        accuracies.append(acc)
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert loss.item() < 0.6 * first, (first, loss.item())
+    assert accuracies[-1] > accuracies[0] + 0.2, accuracies   # predicted centres land on their objects
     empty = {**batch, "word_grounded": torch.zeros_like(batch["word_grounded"])}
-    loss, err = grounding_loss(model, empty)
-    assert loss.item() == 0.0 and loss.requires_grad and err == 0.0
+    loss, acc = grounding_loss(model, empty, grounding)
+    assert loss.item() == 0.0 and loss.requires_grad and acc == 0.0
+
+
+def test_grounding_loss_without_attention_is_the_weighted_centre_mse(grounded_batch):
+    """Hand-computed: regression_weight x mean squared centre error of the annotated words; no attention
+    logits are asked of the model, and the accuracy counts predicted centres inside the true centre's patch."""
+    from pipeline.config import GroundingConfig
+    from pipeline.train.objectives import grounding_loss
+    batch, tok, _ = grounded_batch
+    model = _tiny_patch_model(tok.vocab_size).eval()
+    tokens = model.encode_image(batch)
+    out = model(batch, image_tokens=tokens, attn_logit_layers=[])
+    assert not out.attn_logits
+    grounded, centres = batch["word_grounded"], batch["word_centre"]
+    predicted = model.grounding_head(out.sequence[:, :grounded.shape[1]][grounded])
+    expected = 10.0 * ((predicted - centres[grounded]) ** 2).mean()
+    settings = GroundingConfig(attention_weight=0.0, regression="mse", regression_weight=10.0)
+    loss, acc = grounding_loss(model, batch, settings, out, tokens.pos)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    side = int(round(tokens.pos.shape[1] ** 0.5))   # a square grid of patches
+    cell = lambda xy: (xy[:, 0] * side).floor() * side + (xy[:, 1] * side).floor()   # noqa: E731
+    same = (cell(predicted.clamp(0, 0.999)) == cell(centres[grounded])).float().mean().item()
+    assert acc == pytest.approx(same)
 
 
 def test_grounding_needs_annotations(grounded_batch):
+    from pipeline.config import GroundingConfig
     from pipeline.errors import UserError
     from pipeline.train.objectives import grounding_loss
     batch, tok, _ = grounded_batch
     plain = {k: v for k, v in batch.items() if k not in ("word_grounded", "word_centre")}
     with pytest.raises(UserError, match="word_objects"):
-        grounding_loss(_tiny_patch_model(tok.vocab_size), plain)
+        grounding_loss(_tiny_patch_model(tok.vocab_size), plain, GroundingConfig())
+
+
+def test_bce_itm_pairs_each_caption_with_its_image_other_images_and_its_swap(grounded_batch):
+    from pipeline.train.objectives import itm_bce_pairs
+    batch, _, _ = grounded_batch
+    b, k = batch["input_ids"].shape[0], 3
+    ids = batch["image_id"].clone()
+    ids[1] = ids[0]   # two captions of one image: the pairs between them are not negatives
+    batch = {**batch, "image_id": ids}
+    texts, rows, labels, counted = itm_bce_pairs(batch, torch.Generator().manual_seed(0), k, swaps=True)
+    n_swap = int(batch["has_swap"].sum())
+    assert len(rows) == len(labels) == len(counted) == texts["input_ids"].shape[0] == b * (1 + k) + n_swap
+    assert torch.equal(rows[:b], torch.arange(b)) and labels[:b].eq(1).all() and labels[b:].eq(0).all()
+    width = batch["input_ids"].shape[1]
+    for j in range(b, b * (1 + k)):   # another image of the batch with the caption of row j % b
+        i = j % b
+        assert torch.equal(texts["input_ids"][j, :width], batch["input_ids"][i]) and rows[j] != i
+        assert bool(counted[j]) == bool(ids[rows[j]] != ids[i])
+    shifts = {int((rows[j] - j) % b) for j in range(b, b * (1 + k))}
+    assert len(shifts) == k
+    swapped = torch.nonzero(batch["has_swap"]).flatten()
+    swap_width = batch["swap_input_ids"].shape[1]
+    assert torch.equal(rows[b * (1 + k):], swapped) and counted[b * (1 + k):].all()
+    assert torch.equal(texts["input_ids"][b * (1 + k):, :swap_width], batch["swap_input_ids"][swapped])
+    assert not counted.all(), "the pairs between the two captions of one image were counted"
+
+
+def test_bce_itm_trains_the_match_logit_that_the_rank_head_starts_from(grounded_batch, one_thread):
+    from pipeline.train.negatives import index_tokens
+    from pipeline.train.objectives import itm_bce_loss, itm_bce_pairs
+    batch, tok, _ = grounded_batch
+    model = _tiny_patch_model(tok.vocab_size)
+    texts, rows, labels, counted = itm_bce_pairs(batch, torch.Generator().manual_seed(0), 3, swaps=True)
+
+    def rank_gap() -> float:   # mean rank score of the matched pairs minus that of the negatives
+        model.init_rank_from_itm()
+        with torch.no_grad():
+            tokens = index_tokens(model.encode_image(batch), rows)
+            rank = model.rank_head(model(texts, image_tokens=tokens, attn_logit_layers=[]).pooled).squeeze(-1)
+        return (rank[counted & (labels == 1)].mean() - rank[counted & (labels == 0)].mean()).item()
+
+    before = rank_gap()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(200):
+        loss, _ = itm_bce_loss(model, batch, torch.Generator().manual_seed(0), 3, swaps=True)
+        opt.zero_grad()
+        loss.backward()
+        assert model.itm_head.weight.grad[0].abs().sum() == 0 and model.itm_head.weight.grad[1].abs().sum() > 0
+        opt.step()
+    assert rank_gap() > before + 0.8, (before, rank_gap())
 
 
 def test_itm_pairs_turn_half_the_negatives_into_swaps_of_their_own_image(grounded_batch):

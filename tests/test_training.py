@@ -363,7 +363,7 @@ def test_finetune_runs_its_pretraining_stage_once_and_reuses_it(tiny_data, tmp_p
     out = launch("finetune", "zero2", sets, nprocs=1)
     assert "pretraining into" in out and "reusing" not in out, out[-3000:]
     rows = [json.loads(line) for line in (pre_dir / "metrics.jsonl").read_text().splitlines()]
-    task_keys = {"mlm_loss", "itm_loss", "itc_loss", "wra_loss", "grounding_loss", "grounding_acc", "itm_acc"}
+    task_keys = {"mlm_loss", "itm_loss", "itc_loss", "wra_loss", "grounding_loss", "centre_acc", "itm_acc"}
     logged = [r for r in rows if "loss" in r]
     assert len(logged) == 6 and all(task_keys <= set(r) for r in logged), logged   # task_mix sum: all, every step
     assert json.loads((tmp_path / "ft1" / "test_metrics.json").read_text())["rsum"] >= 0

@@ -179,7 +179,8 @@ class FinetuneStep:
             pairs, tokens = self._with_swaps(batch, pairs, tokens, swapped)
         use_iais = ft.iais.alignment != "none" and ft.iais.weight > 0
         layers = list(ft.iais.layers) if use_iais else []
-        logit_layers = layers + ([GROUNDING_LAYER] if ft.grounding_weight > 0 else [])
+        grounding_attention = ft.grounding_weight > 0 and self.cfg.grounding.needs_attention
+        logit_layers = layers + ([GROUNDING_LAYER] if grounding_attention else [])
         out = self.forward(pairs, image_tokens=tokens, attn_logit_layers=logit_layers)
         logits = module.rank_head(out.pooled).squeeze(-1).float()
         scalars = {"pos_score": torch.sigmoid(logits[:b]).mean().item(), "score_std": logits.detach().std().item(),
@@ -192,8 +193,8 @@ class FinetuneStep:
         loss = rank_loss
         if ft.grounding_weight > 0:
             positives = {k: batch[k] for k in ("word_grounded", "word_centre") if k in batch}
-            ground, scalars["grounding_acc"] = grounding_loss(module, positives, _rows(out, b), tokens.pos[:b],
-                                                              GROUNDING_LAYER)
+            ground, scalars["centre_acc"] = grounding_loss(module, positives, self.cfg.grounding, _rows(out, b),
+                                                           tokens.pos[:b], GROUNDING_LAYER)
             loss = loss + ft.grounding_weight * ground
             scalars["grounding_loss"] = ground.item()
         weight = ft.iais.weight * iais_schedule(ft.iais.schedule, step, self.total) if use_iais else 0.0

@@ -2,7 +2,8 @@
 optionally each caption's relation/attribute swap as a negative of its own image), ITC (in-batch contrastive
 over text-only and image-only passes, gathered across ranks with gradients), WRA (UNITER's word-region
 optimal transport on the ITM pairs), supervised grounding (annotated words predict their object's centre)
-and, in region modes, MRFR (masked region feature regression)."""
+and, in region modes, MRFR (masked region feature regression). ITM is UNITER's two-class loss or, with
+pretrain.itm_loss bce, a BCE on the match logit against several other images and the swap per caption."""
 from __future__ import annotations
 
 import random
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import distributed as dist_utils
+from pipeline.config import GroundingConfig
 
 TASKS = ("mlm", "itm", "itc", "mrfr", "wra", "grounding")
 GROUNDING_LAYER = 0   # the layer whose word->image attention grounding supervises: later layers compose on it
@@ -98,6 +100,51 @@ def itm_loss(module, batch: dict, generator: torch.Generator, swaps: bool = Fals
     return F.cross_entropy(logits, labels), acc
 
 
+def itm_bce_pairs(batch: dict, generator: torch.Generator, other_images: int,
+                  swaps: bool) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(texts, image row per text, label 1=match, counted) of BCE ITM: every caption with its own image, with
+    ``other_images`` other images of the batch (rows rolled by distinct random shifts) and, with ``swaps``,
+    its relation/attribute swap with its own image. A rolled pair that lands on another caption of the same
+    image is not counted."""
+    from pipeline.train.negatives import pad_cat
+    ids = batch["image_id"].cpu()
+    b = ids.shape[0]
+    shifts = 1 + torch.randperm(b - 1, generator=generator)[:other_images]
+    own = torch.arange(b)
+    rows = torch.cat([own] + [(own + s) % b for s in shifts.tolist()])
+    text_rows = own.repeat(1 + len(shifts))
+    labels = torch.cat([torch.ones(b), torch.zeros(b * len(shifts))])
+    is_swap = torch.zeros(len(rows), dtype=torch.bool)
+    at = text_rows.to(batch["input_ids"].device)
+    input_ids, masks = [batch["input_ids"][at]], [batch["text_mask"][at]]
+    if swaps and "has_swap" in batch:
+        swapped = torch.nonzero(batch["has_swap"].cpu()).flatten()
+        index = swapped.to(batch["input_ids"].device)
+        input_ids.append(batch["swap_input_ids"][index])
+        masks.append(batch["swap_text_mask"][index])
+        rows, text_rows = torch.cat([rows, swapped]), torch.cat([text_rows, swapped])
+        labels = torch.cat([labels, torch.zeros(len(swapped))])
+        is_swap = torch.cat([is_swap, torch.ones(len(swapped), dtype=torch.bool)])
+    counted = (labels == 1) | is_swap | (ids[text_rows] != ids[rows])
+    texts = {"input_ids": pad_cat(input_ids, 0), "text_mask": pad_cat(masks, False)}
+    return texts, rows, labels, counted
+
+
+def itm_bce_loss(module, batch: dict, generator: torch.Generator, other_images: int,
+                 swaps: bool) -> tuple[torch.Tensor, float]:
+    """(BCE of the ITM match logit over :func:`itm_bce_pairs`, accuracy of its sign). The match logit is
+    what fine-tuning's rank head starts from (init_rank_from_itm)."""
+    from pipeline.train.negatives import index_tokens
+    texts, rows, labels, counted = itm_bce_pairs(batch, generator, other_images, swaps)
+    device = batch["input_ids"].device
+    tokens = index_tokens(module.encode_image(batch), rows.to(device))
+    match = module.itm_logits(texts, image_tokens=tokens)[:, 1].float()
+    labels, counted = labels.to(device), counted.to(device)
+    loss = F.binary_cross_entropy_with_logits(match[counted], labels[counted])
+    acc = ((match[counted] > 0).float() == labels[counted]).float().mean().item()
+    return loss, acc
+
+
 def wra_task_loss(module, batch: dict, generator: torch.Generator, swaps: bool = False) -> torch.Tensor:
     """UNITER's WRA: optimal-transport distance between word and image output tokens, lowered on matched
     and raised on mismatched ITM pairs."""
@@ -122,35 +169,50 @@ def grounding_regions(pos: torch.Tensor, region_mask: torch.Tensor, centres: tor
     return torch.where(grounded & inside.any(dim=-1), target, torch.full_like(target, -1))
 
 
-def grounding_loss(module, batch: dict, out=None, pos=None, layer: int = GROUNDING_LAYER) -> tuple[torch.Tensor, float]:
-    """(loss, share of words attending most to their object) of supervised grounding on the batch's matched
-    pairs: each annotated word's attention at ``layer`` (heads averaged) is pulled onto the image token
-    holding its object's centre, and its output token regresses that centre (L1). ``out``: the pairs'
-    transformer output when already computed with that layer's logits, and ``pos`` their image tokens'
-    boxes [B, M, 7]."""
+def grounding_loss(module, batch: dict, settings: GroundingConfig, out=None, pos=None,
+                   layer: int = GROUNDING_LAYER) -> tuple[torch.Tensor, float]:
+    """(loss, share of annotated words whose predicted centre lands in their object's image token) of
+    supervised grounding on the batch's matched pairs (``settings``: the config's grounding section): each
+    annotated word's output token regresses its object's centre and, with an attention weight, its attention
+    at ``layer`` (heads averaged) is pulled onto the image token holding that centre. ``out``: the pairs'
+    transformer output when already computed (with that layer's logits when the attention term is on), and
+    ``pos`` their image tokens' boxes [B, M, 7]."""
     if "word_grounded" not in batch:
         from pipeline.errors import UserError
         raise UserError("the grounding loss needs word->object annotations (word_objects and objects in the "
                         "shards' JSON); set pretrain.tasks.grounding / finetune.grounding_weight to 0")
     if out is None:
         tokens = module.encode_image(batch)
-        out, pos = module(batch, image_tokens=tokens, attn_logit_layers=[layer]), tokens.pos
-    grounded = batch["word_grounded"]
-    text_len, t = out.text_len, grounded.shape[1]
-    logits = out.attn_logits[layer % module.config.num_layers][:grounded.shape[0]]   # [B, heads, N, N]
-    probs = logits.float().masked_fill(~out.attn_mask[:grounded.shape[0], None, None, :],
-                                       float("-inf")).softmax(-1).mean(1)
-    to_image = probs[:, :t, text_len:]                                              # [B, T, M]
-    regions = out.region_mask[:grounded.shape[0], text_len:]
-    target = grounding_regions(pos[:, :to_image.shape[-1]].float(), regions, batch["word_centre"], grounded)
+        layers = [layer] if settings.needs_attention else []
+        out, pos = module(batch, image_tokens=tokens, attn_logit_layers=layers), tokens.pos
+    grounded, centres = batch["word_grounded"], batch["word_centre"].float()
+    n = grounded.shape[0]
+    regions = out.region_mask[:n, out.text_len:]
+    boxes = pos[:n, :regions.shape[1]].float()
+    target = grounding_regions(boxes, regions, centres, grounded)
     hit = target >= 0
     predicted = module.grounding_predictions(out.sequence, grounded).float()
+    logits = out.attn_logits[layer % module.config.num_layers][:n] if settings.needs_attention else None
     if not hit.any():   # no annotated word in this batch: a zero that keeps the graph
-        return predicted.sum() * 0.0 + logits.sum() * 0.0, 0.0
-    attention = -torch.log(to_image[hit].gather(1, target[hit].unsqueeze(1)).clamp_min(1e-9)).mean()
-    regression = (predicted - batch["word_centre"][grounded].float()).abs().mean()
-    accuracy = (to_image[hit].argmax(dim=1) == target[hit]).float().mean().item()
-    return attention + regression, accuracy
+        zero = predicted.sum() * 0.0
+        return (zero if logits is None else zero + logits.sum() * 0.0), 0.0
+    error = predicted - centres[grounded]
+    regression = error.abs().mean() if settings.regression == "l1" else error.pow(2).mean()
+    loss = settings.regression_weight * regression
+    if logits is not None:
+        loss = loss + settings.attention_weight * attention_pull(logits, out, boxes.shape[1], target, hit)
+    guessed = centres.clone()
+    guessed[grounded] = predicted.detach()
+    landed = grounding_regions(boxes, regions, guessed, grounded)
+    return loss, (landed[hit] == target[hit]).float().mean().item()
+
+
+def attention_pull(logits: torch.Tensor, out, regions: int, target: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
+    """Mean -log attention (heads averaged) of each annotated word on the image token of its object."""
+    n, t = target.shape
+    probs = logits.float().masked_fill(~out.attn_mask[:n, None, None, :], float("-inf")).softmax(-1).mean(1)
+    to_image = probs[:, :t, out.text_len:out.text_len + regions]                  # [B, T, M]
+    return -torch.log(to_image[hit].gather(1, target[hit].unsqueeze(1)).clamp_min(1e-9)).mean()
 
 
 def mask_regions(region_mask: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:

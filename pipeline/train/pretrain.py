@@ -10,13 +10,13 @@ from pipeline import distributed as dist_utils
 from pipeline.train import checkpoint as ckpt, loop, runtime as T
 from pipeline.config import ExperimentConfig, split_path
 from pipeline.errors import UserError
-from pipeline.train.objectives import (TASKS, choose_task, grounding_loss, itc_loss, itm_loss, mlm_loss,
-                                       mrfr_loss, wra_task_loss)
+from pipeline.train.objectives import (TASKS, choose_task, grounding_loss, itc_loss, itm_bce_loss, itm_loss,
+                                       mlm_loss, mrfr_loss, wra_task_loss)
 from pipeline.train.run_tracking import open_tracker
 from pipeline.train.build import build_model, ensure_data, ensure_tokenizer, loader_config
 from pipeline.data.loader import BatchStream
 
-TASK_METRICS = {"itm": "itm_acc", "itc": "itc_acc", "grounding": "grounding_acc"}   # the extra scalar per task
+TASK_METRICS = {"itm": "itm_acc", "itc": "itc_acc", "grounding": "centre_acc"}   # the extra scalar per task
 
 
 def sources(cfg: ExperimentConfig) -> list[tuple[str, float]]:
@@ -75,15 +75,17 @@ class PretrainJob:
             return mlm_loss(module, batch, self.tokenizer, self.cfg.pretrain.mlm_prob, generator), {}
         if task == "mrfr":
             return mrfr_loss(module, batch, self.cfg.pretrain.mrfr_prob, generator), {}
-        swaps = self.cfg.pretrain.swap_negatives
+        pt = self.cfg.pretrain
+        swaps = pt.swap_negatives
         if task == "itm":
-            loss, acc = itm_loss(module, batch, generator, swaps)
+            loss, acc = (itm_bce_loss(module, batch, generator, pt.itm_other_images, swaps) if pt.itm_loss == "bce"
+                         else itm_loss(module, batch, generator, swaps))
             return loss, {"itm_acc": acc}
         if task == "wra":
             return wra_task_loss(module, batch, generator, swaps), {}
         if task == "grounding":
-            loss, accuracy = grounding_loss(module, batch)
-            return loss, {"grounding_acc": accuracy}
+            loss, accuracy = grounding_loss(module, batch, self.cfg.grounding)
+            return loss, {"centre_acc": accuracy}
         loss, acc = itc_loss(module, batch)
         return loss, {"itc_acc": acc}
 
