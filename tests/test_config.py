@@ -302,6 +302,11 @@ def _prepare(tmp_path: Path, *sets: str):
     (["finetune.iais.weight=-1"], "finetune.iais.weight"),
     (["model.preset=no_such_preset"], "no_such_preset"),
     (["model.preset=nowhere/model"], "model.preset"),
+    (["pretrain.itm_other_images=0"], "pretrain.itm_other_images"),
+    (["pretrain.itm_other_images=8", "pretrain.itm_loss=bce"], "pretrain.itm_other_images"),   # micro batch 8
+    (["grounding.regression_weight=-1"], "regression_weight"),
+    (["grounding.attention_weight=0", "grounding.regression_weight=0"], "attention_weight"),
+    (["grounding.regression=l2"], "grounding.regression"),
 ])
 def test_user_errors_are_found_before_any_process_group(tmp_path, sets, key):
     with pytest.raises(UserError) as caught:

@@ -339,13 +339,15 @@ def test_finetune_api_with_gradient_accumulation_returns_the_test_metrics(tiny_d
 
 
 def _pretrain_yaml(tiny_data: dict, run_dir: Path, path: Path, steps: int) -> Path:
-    """A pretraining config file for the fine-tuning stage test: the tiny sets + grounding, WRA and swaps."""
+    """A pretraining config file for the fine-tuning stage test: the tiny sets + grounding, WRA and swaps, with
+    the main job's BCE ITM and attention-free MSE grounding."""
     import yaml
     from pipeline.config import apply_override
     raw: dict = {}
     for s in common_sets(tiny_data, run_dir, None, steps=steps) + [
             "pretrain.tasks={mlm: 0.5, itm: 1.0, itc: 0.5, wra: 0.5, grounding: 1.0}", "pretrain.swap_negatives=true",
-            "pretrain.task_mix=sum", "model.pretrain_config=null", "name=stage_pre"]:
+            "pretrain.task_mix=sum", "pretrain.itm_loss=bce", "grounding.attention_weight=0",
+            "grounding.regression=mse", "model.pretrain_config=null", "name=stage_pre"]:
         apply_override(raw, s)
     path.write_text(yaml.safe_dump(raw))
     return path
