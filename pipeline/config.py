@@ -640,6 +640,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
     _check_train(cfg.train)
     _check_finetune(cfg.finetune)
     _check_pretrain(cfg)
+    _check_grounding(cfg.grounding)
     _need(not (cfg.model.init and cfg.model.pretrain_config),
           "config 'model.init' and 'model.pretrain_config' are both set: give one (pretrain_config pretrains on "
           "first use and initialises from its exported model)")
@@ -705,6 +706,12 @@ def _check_finetune(ft: FinetuneConfig) -> None:
           f"(e.g. [-1], the last) or set finetune.iais.alignment=none")
 
 
+def _check_grounding(g: GroundingConfig) -> None:
+    _need(min(g.attention_weight, g.regression_weight) >= 0 and g.attention_weight + g.regression_weight > 0,
+          f"config 'grounding' weights must be >= 0 and not both 0, got attention_weight={g.attention_weight}, "
+          f"regression_weight={g.regression_weight}")
+
+
 def _check_pretrain(cfg: ExperimentConfig) -> None:
     pt = cfg.pretrain
     _need(0.0 < pt.mrfr_prob < 1.0, f"config 'pretrain.mrfr_prob' = {pt.mrfr_prob} must be in (0, 1)")
@@ -719,10 +726,6 @@ def _check_pretrain(cfg: ExperimentConfig) -> None:
     _need(pt.itm_loss == "ce" or pt.itm_other_images < cfg.train.micro_batch_size,
           f"config 'pretrain.itm_other_images' = {pt.itm_other_images} must be below train.micro_batch_size "
           f"({cfg.train.micro_batch_size}): the other images come from the same micro batch")
-    g = cfg.grounding
-    _need(min(g.attention_weight, g.regression_weight) >= 0 and g.attention_weight + g.regression_weight > 0,
-          f"config 'grounding' weights must be >= 0 and not both 0, got attention_weight={g.attention_weight}, "
-          f"regression_weight={g.regression_weight}")
     for i, s in enumerate(pt.sources):
         _need(s.weight > 0, f"config 'pretrain.sources[{i}].weight' = {s.weight} must be > 0")
 

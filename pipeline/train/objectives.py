@@ -114,18 +114,17 @@ def itm_bce_pairs(batch: dict, generator: torch.Generator, other_images: int,
     rows = torch.cat([own] + [(own + s) % b for s in shifts.tolist()])
     text_rows = own.repeat(1 + len(shifts))
     labels = torch.cat([torch.ones(b), torch.zeros(b * len(shifts))])
-    is_swap = torch.zeros(len(rows), dtype=torch.bool)
+    counted = (labels == 1) | (ids[text_rows] != ids[rows])
     at = text_rows.to(batch["input_ids"].device)
     input_ids, masks = [batch["input_ids"][at]], [batch["text_mask"][at]]
-    if swaps and "has_swap" in batch:
+    if swaps and "has_swap" in batch:   # every swap is a negative of its own image, hence always counted
         swapped = torch.nonzero(batch["has_swap"].cpu()).flatten()
         index = swapped.to(batch["input_ids"].device)
         input_ids.append(batch["swap_input_ids"][index])
         masks.append(batch["swap_text_mask"][index])
-        rows, text_rows = torch.cat([rows, swapped]), torch.cat([text_rows, swapped])
+        rows = torch.cat([rows, swapped])
         labels = torch.cat([labels, torch.zeros(len(swapped))])
-        is_swap = torch.cat([is_swap, torch.ones(len(swapped), dtype=torch.bool)])
-    counted = (labels == 1) | is_swap | (ids[text_rows] != ids[rows])
+        counted = torch.cat([counted, torch.ones(len(swapped), dtype=torch.bool)])
     texts = {"input_ids": pad_cat(input_ids, 0), "text_mask": pad_cat(masks, False)}
     return texts, rows, labels, counted
 
